@@ -1,0 +1,38 @@
+# One command to set up and run the main job, one to set up and run the tests.
+#   make report   creates .venv, installs modiff, runs the pipeline on the offline default preset
+#   make test     creates .venv, installs modiff with test extras, runs ruff and the whole test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= all
+export XDG_CACHE_HOME ?= $(CURDIR)/.cache
+export DVC_NO_ANALYTICS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup report test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+report: setup
+	$(BIN)/snakemake --cores $(CORES) results/report.md
+
+test: setup
+	$(BIN)/ruff check modiff tests
+	$(BIN)/ruff format --check modiff tests
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check modiff tests
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results/* data/checkpoints data/fid_cache .snakemake

@@ -1,0 +1,93 @@
+"""params.yaml: loading, overrides and validation (one schema for the CLI, Snakemake and DVC)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) is invalid; the message names the key and what is allowed."""
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def apply_overrides(params: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML), as ``dvc exp run -S`` does."""
+    params = copy.deepcopy(params)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section of params.yaml")
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw)
+    return params
+
+
+def _format_error(error: Any) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"{where}: {error.message}"
+
+
+def validate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Check ``params`` against the schema and cross-key rules; ConfigError lists every problem."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    problems = [_format_error(e) for e in sorted(validator.iter_errors(params), key=str)]
+    if not problems:
+        problems += _semantic_problems(params)
+    if problems:
+        raise ConfigError("invalid params:\n  " + "\n  ".join(problems))
+    return params
+
+
+def _semantic_problems(params: dict[str, Any]) -> list[str]:
+    from modiff.diffusion import timestep_sequence
+
+    problems = []
+    if params["preset"] not in params["presets"]:
+        allowed = ", ".join(sorted(params["presets"]))
+        problems.append(f"preset: unknown preset '{params['preset']}'; allowed: {allowed}")
+    for name, preset in params["presets"].items():
+        s, d = preset["sampling"], preset["diffusion"]
+        try:
+            timestep_sequence(s["steps"], s["skip_type"], d["num_diffusion_timesteps"])
+        except ValueError as exc:
+            problems.append(f"presets.{name}.sampling: {exc}")
+        if preset["model"]["in_channels"] != preset["data"]["channels"]:
+            problems.append(f"presets.{name}.model.in_channels must equal data.channels")
+    return problems
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read, override and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root or pass --params PATH")
+    params = yaml.safe_load(path.read_text())
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return validate_params(apply_overrides(params, overrides))
+
+
+def preset_config(params: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The named (default: selected) preset as a DDIM-layout config dict, with its ``name``."""
+    name = name or params["preset"]
+    if name not in params["presets"]:
+        allowed = ", ".join(sorted(params["presets"]))
+        raise ConfigError(f"unknown preset '{name}'; allowed: {allowed}")
+    return {"name": name, **copy.deepcopy(params["presets"][name])}

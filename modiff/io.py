@@ -1,0 +1,47 @@
+"""Files that later steps trust: written under a temporary name, renamed only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success, else delete."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(data: Any, dest: str | Path) -> None:
+    with atomic_output(dest) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_images(dest: str | Path, images: np.ndarray, **meta: Any) -> None:
+    """Save uint8 images (N, H, W, C) and JSON metadata as one ``.npz``."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}")
+    with atomic_output(dest) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, images=images, meta=np.array(json.dumps(meta)))
+
+
+def load_images(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Inverse of :func:`save_images`."""
+    with np.load(path, allow_pickle=False) as f:
+        return f["images"], json.loads(str(f["meta"]))

@@ -1,0 +1,15 @@
+rule fetch_checkpoint:
+    """Download (or copy) the preset's checkpoint and verify its digest."""
+    input:
+        PKG["cli"],
+        PKG["fetch"],
+    output:
+        PRESET_CFG["checkpoint"]["path"],
+    params:
+        settings=settings("preset", *preset_keys("checkpoint")),
+    log:
+        "results/logs/fetch_checkpoint.log",
+    benchmark:
+        "results/benchmarks/fetch_checkpoint.tsv"
+    shell:
+        "modiff fetch {params.settings} > {log} 2>&1"
