@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from modiff.io import atomic_output
 
 _LIST_LIMIT = 10  # entries shown per category in error messages
 
@@ -80,16 +80,9 @@ def save_state_dict(
         state = _as_state_dict(model_or_state, "state dict")
     # Detached CPU tensors keep the file loadable anywhere and free of autograd state.
     state = {key: tensor.detach().cpu() for key, tensor in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        delete=False, dir=path.parent, prefix=path.name + ".part-"
-    ) as handle:
-        tmp = Path(handle.name)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful replace
+    # Saving to a file object keeps the temp name out of the zip records: same tensors, same bytes.
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
     return path
 
 

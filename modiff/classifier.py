@@ -6,14 +6,12 @@ FID/KID in the penultimate feature space of this classifier (as is customary for
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +24,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from modiff.data import digits_images, digits_labels, uint8_to_model_space
+from modiff.io import atomic_output, write_json
 
 FEATURE_EXTRACTOR_NAME = "digits-classifier"
 NUM_CLASSES = 10
@@ -169,29 +168,13 @@ def _fit(
     return model.eval(), _accuracy(model, x_test, y_test), len(train_idx), len(test_idx)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write to a temp file in the same directory, then os.replace: readers see no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name rather than mkstemp, whose 0600 mode would stick to the final file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: DigitsClassifier, out: Path | str, metrics: dict[str, Any]) -> None:
     """Save the state_dict to ``out`` and ``metrics`` to the sidecar ``<out>.json``, atomically."""
     out = Path(out)
     # Saving to a file object keeps the temp name out of the zip records: same weights, same bytes.
-    _atomic_write(out, lambda f: torch.save(model.state_dict(), f))
-    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out.with_name(out.name + ".json"), lambda f: f.write(text.encode()))
+    with atomic_output(out) as tmp, open(tmp, "wb") as fh:
+        torch.save(model.state_dict(), fh)
+    write_json(metrics, out.with_name(out.name + ".json"))
 
 
 def load_classifier(path: Path | str) -> DigitsClassifier:

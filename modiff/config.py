@@ -84,6 +84,11 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
     return validate_params(apply_overrides(params, overrides))
 
 
+def checkpoint_path(preset_name: str) -> Path:
+    """Where the pipeline keeps a preset's verified checkpoint (one place, for both tools)."""
+    return Path("data/checkpoints") / f"{preset_name}.ckpt"
+
+
 def preset_config(params: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     """The named (default: selected) preset as a DDIM-layout config dict, with its ``name``."""
     name = name or params["preset"]

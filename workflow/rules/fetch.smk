@@ -4,7 +4,7 @@ rule fetch_checkpoint:
         PKG["cli"],
         PKG["fetch"],
     output:
-        PRESET_CFG["checkpoint"]["path"],
+        f"data/checkpoints/{PRESET}.ckpt",
     params:
         settings=settings("preset", *preset_keys("checkpoint")),
     log:

@@ -6,7 +6,9 @@ rule bench:
     output:
         "results/bench.json",
     params:
-        settings=settings("preset", "threads", *preset_keys("model", "data", "diffusion", "checkpoint")),
+        settings=settings(
+            "preset", "threads", "bench", *preset_keys("model", "data", "diffusion", "checkpoint")
+        ),
     threads: config["threads"]
     log:
         "results/logs/bench.log",

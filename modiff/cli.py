@@ -1,0 +1,318 @@
+"""The ``modiff`` command: one subcommand per pipeline stage.
+
+Settings come from params.yaml (``--params``) with ``-S dotted.key=value`` overrides; paths of
+inputs and outputs are arguments. Everything is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("modiff")
+
+
+# --- shared pieces -----------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validated params and the selected preset config."""
+    from modiff.config import load_params, preset_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "preset", None):
+        overrides.append(f"preset={args.preset}")
+    params = load_params(args.params, overrides)
+    return params, preset_config(params)
+
+
+def _load_model(preset: dict[str, Any], checkpoint: str | None, device: Any):
+    from modiff.checkpoint import load_into
+    from modiff.config import checkpoint_path
+    from modiff.models import build_model
+
+    path = Path(checkpoint or checkpoint_path(preset["name"]))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; run `modiff fetch` (or the pipeline's fetch stage) first"
+        )
+    model = load_into(build_model(preset), path)
+    return model.eval().to(device)
+
+
+def _write_metrics(data: dict[str, Any], dest: str | None) -> None:
+    import json
+
+    from modiff.io import write_json
+
+    if dest:
+        write_json(data, dest)
+    print(json.dumps(data, indent=2))
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    """Fetch the preset's checkpoint (or --url) and verify its digest."""
+    from modiff.fetch import fetch
+
+    if args.url:
+        if not (args.out and (args.md5 or args.sha256)):
+            raise SystemExit("--url needs --out and --md5 or --sha256")
+        fetch(args.url, args.out, md5=args.md5, sha256=args.sha256, timeout=args.timeout)
+        return
+    from modiff.config import checkpoint_path
+
+    _, preset = _settings(args)
+    ck = preset["checkpoint"]
+    dest = args.out or checkpoint_path(preset["name"])
+    fetch(ck["source"], dest, md5=ck.get("md5"), sha256=ck.get("sha256"), timeout=args.timeout)
+    log.info("checkpoint of preset %s ready at %s", preset["name"], dest)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train the digits preset's diffusion model (reproducible for its seed and threads)."""
+    from modiff.fetch import file_digest
+    from modiff.train import train_diffusion
+
+    params, preset = _settings(args)
+    if "training" not in preset:
+        raise SystemExit(f"preset {preset['name']} has no 'training' section: nothing to train")
+    _set_threads(params)
+    _, summary = train_diffusion(preset, args.out)
+    summary["sha256"] = file_digest(args.out, "sha256")
+    _write_metrics(summary, args.summary)
+    log.info("set presets.%s.checkpoint.sha256 to %s", preset["name"], summary["sha256"])
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    """Train the digits classifier used as FID feature extractor."""
+    from modiff.classifier import train_classifier
+
+    _, metrics = train_classifier(seed=args.seed, out=Path(args.out))
+    print(metrics)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Sample images with DDIM; saves uint8 images (N, H, W, C) and metadata as .npz."""
+    from modiff.diffusion import sample_images
+    from modiff.io import save_images
+    from modiff.runtime import resolve_device
+
+    params, preset = _settings(args)
+    s = preset["sampling"]
+    n = args.n or s["n_samples"]
+    start = args.start
+    _set_threads(params)
+    device = resolve_device(params["device"])
+    model = _load_model(preset, args.checkpoint, device)
+    t0 = time.perf_counter()
+    images = sample_images(
+        model,
+        preset,
+        indices=range(start, start + n),
+        batch_size=s["batch_size"],
+        steps=s["steps"],
+        skip_type=s["skip_type"],
+        eta=s["eta"],
+        seed=params["seed"],
+        device=device,
+    )
+    meta = {
+        "preset": preset["name"],
+        "method": "fp32",
+        "indices": [start, start + n],
+        "seed": params["seed"],
+        "sampling": s,
+        "device": str(device),
+        "threads": params["threads"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    save_images(args.out, images, **meta)
+    log.info("wrote %d images to %s in %.1f s", len(images), args.out, meta["seconds"])
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    """FID and KID of a samples file against the preset's reference set."""
+    from modiff.io import load_images
+    from modiff.metrics import compute_fid
+
+    params, preset = _settings(args)
+    images, meta = load_images(args.samples)
+    result = compute_fid(
+        images,
+        preset=preset["name"],
+        fid_config=preset["fid"],
+        cache_dir=args.cache_dir,
+        device="cuda" if params["device"] == "cuda" else "cpu",
+    )
+    result["samples"] = str(args.samples)
+    result["steps"] = meta.get("sampling", {}).get("steps")
+    if preset["fid"]["feature_extractor"] == "digits-classifier":
+        from modiff.classifier import class_histogram, load_classifier
+
+        classifier = load_classifier(preset["fid"]["classifier"])
+        result["class_histogram"] = class_histogram(classifier, images)
+    _write_metrics(result, args.out)
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    """A PNG grid of the first images of a samples file."""
+    from modiff.io import load_images
+    from modiff.plots import save_grid
+
+    images, _ = load_images(args.samples)
+    save_grid(images[: args.n], args.out, nrow=args.nrow, scale=args.scale)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Per-step latency, images/s and peak memory for the preset model and CIFAR-10's UNet."""
+    from modiff.bench import BenchCase, BenchSettings, environment, format_table, time_variants
+    from modiff.checkpoint import load_state_dict
+    from modiff.config import checkpoint_path, preset_config
+
+    params, preset = _settings(args)
+    b = params["bench"]
+    settings = BenchSettings(
+        batch_sizes=b["batch_sizes"],
+        repetitions=b["repetitions"],
+        steps=b["steps"],
+        threads=params["threads"],
+    )
+    _set_threads(params)
+    cases = []
+    ck = checkpoint_path(preset["name"])
+    if preset["name"] != "cifar10":
+        state = load_state_dict(ck) if ck.is_file() else None
+        cases.append(BenchCase(preset["name"], preset, "checkpoint" if state else "random", state))
+    if b["cifar10"] or preset["name"] == "cifar10":
+        cifar = preset_config(params, "cifar10")
+        cases.append(BenchCase("cifar10", cifar, "random (timing only)"))
+    rows = []
+    for case in cases:
+        log.info("timing %s (%s weights) at batch %s", case.name, case.weights, b["batch_sizes"])
+        rows += time_variants(case, {}, settings)
+    print(format_table(rows))
+    _write_metrics(
+        {"environment": environment(), "settings": vars(settings), "rows": rows}, args.out
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Write results/report.md from the metrics, benchmark and grids."""
+    from modiff.report import write_report
+
+    params, preset = _settings(args)
+    write_report(params, preset, args.metrics, args.bench, args.grids, args.out)
+
+
+# --- wiring --------------------------------------------------------------------------------------
+
+
+def _set_threads(params: dict[str, Any]) -> None:
+    from modiff.runtime import set_threads
+
+    set_threads(params["threads"])
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    p.add_argument("--preset", help="override params.yaml's preset")
+    p.add_argument(
+        "-S", "--set", action="append", metavar="KEY=VALUE", help="override a setting (dotted key)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modiff", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], settings: bool = True):
+        p = sub.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        if settings:
+            _add_settings_args(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("fetch", cmd_fetch)
+    p.add_argument("--out", help="destination (default: data/checkpoints/<preset>.ckpt)")
+    p.add_argument("--url", help="fetch this URL/path instead of the preset's checkpoint")
+    p.add_argument("--md5")
+    p.add_argument("--sha256")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
+
+    p = add("train", cmd_train)
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--summary", help="JSON summary to write")
+
+    p = add("train-classifier", cmd_train_classifier, settings=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("sample", cmd_sample)
+    p.add_argument("--out", required=True, help=".npz to write")
+    p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
+    p.add_argument("--n", type=_positive_int, help="number of images (default: sampling.n_samples)")
+    p.add_argument("--start", type=_non_negative_int, default=0, help="index of the first image")
+
+    p = add("fid", cmd_fid)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", help="metrics JSON to write")
+    p.add_argument("--cache-dir", default="data/fid_cache", help="reference statistics cache")
+
+    p = add("grid", cmd_grid, settings=False)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--n", type=_positive_int, default=100)
+    p.add_argument("--nrow", type=_positive_int, default=10)
+    p.add_argument("--scale", type=_positive_int, default=4)
+
+    p = add("bench", cmd_bench)
+    p.add_argument("--out", help="JSON to write")
+
+    p = add("report", cmd_report)
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files")
+    p.add_argument("--bench", required=True, help="benchmark JSON")
+    p.add_argument("--grids", nargs="*", default=[], help="sample grid PNGs")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    from modiff.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from modiff.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"modiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
