@@ -304,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from modiff.checkpoint import CheckpointError
     from modiff.config import ConfigError
+    from modiff.fetch import FetchError
+    from modiff.metrics import MetricsOfflineError
 
+    user_errors = (ConfigError, FileNotFoundError, FetchError, CheckpointError, MetricsOfflineError)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except user_errors as exc:
         print(f"modiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

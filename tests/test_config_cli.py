@@ -1,0 +1,115 @@
+"""Bad input gets a clear error before any work; the CLI lists and documents its stages."""
+
+import shutil
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from modiff.cli import build_parser, main
+from modiff.config import ConfigError, load_params, preset_config
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    dest = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", dest)
+    return dest
+
+
+def test_default_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params["preset"] == "digits"
+    cifar = preset_config(params, "cifar10")
+    assert cifar["checkpoint"]["md5"] == "1fa350b952534ae442b1d5235cce5cd3"
+    assert cifar["sampling"] == {
+        "steps": 100, "skip_type": "quad", "eta": 0.0, "batch_size": 64, "n_samples": 50000
+    }  # fmt: skip
+    assert cifar["fid"]["feature_extractor"] == "inception-v3-compat"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("preset=imagenet", "unknown preset 'imagenet'; allowed: cifar10, digits"),
+        ("presets.digits.sampling.n_samples=0", "presets.digits.sampling.n_samples: 0 is less"),
+        ("presets.digits.sampling.batch_size=-4", "presets.digits.sampling.batch_size: -4"),
+        ("presets.digits.sampling.skip_type=cosine", "presets.digits.sampling.skip_type"),
+        ("presets.digits.model.ch=48", "presets.digits.model.ch"),
+        ("threads=two", "threads: 'two' is not of type 'integer'"),
+        ("device=tpu", "device: 'tpu' is not one of"),
+    ],
+)
+def test_bad_settings_name_the_key(params_file, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(params_file, [override])
+
+
+def test_step_count_that_yields_no_sequence(params_file):
+    overrides = ["presets.digits.sampling.skip_type=uniform", "presets.digits.sampling.steps=5000"]
+    with pytest.raises(ConfigError, match="presets.digits.sampling: uniform skip .* no sequence"):
+        load_params(params_file, overrides)
+
+
+def test_missing_key_is_named(params_file):
+    params = yaml.safe_load(params_file.read_text())
+    del params["presets"]["digits"]["diffusion"]["beta_end"]
+    params_file.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="presets.digits.diffusion: 'beta_end' is a required"):
+        load_params(params_file)
+
+
+def test_override_syntax_errors(params_file):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_params(params_file, ["no-equals-sign"])
+    with pytest.raises(ConfigError, match="'nothere' is not a section"):
+        load_params(params_file, ["nothere.x=1"])
+
+
+def test_cli_lists_every_stage_with_help(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("fetch", "train", "sample", "fid", "grid", "bench", "report"):
+        assert command in text
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_cli_reports_bad_config_before_work(params_file, capsys, tmp_path):
+    out = tmp_path / "s.npz"
+    bad = "presets.digits.sampling.n_samples=-1"
+    code = main(["sample", "--params", str(params_file), "-S", bad, "--out", str(out)])
+    assert code == 2
+    assert "n_samples" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_rejects_negative_counts(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--out", "x.npz", "--n", "0"])
+    assert "positive" in capsys.readouterr().err
+
+
+def test_sample_without_checkpoint_says_how_to_get_it(params_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sample", "--params", str(params_file), "--out", "s.npz"])
+    assert code == 2
+    assert "modiff fetch" in capsys.readouterr().err
+
+
+def test_cifar10_fetch_offline_is_a_clear_error(params_file, tmp_path, capsys, monkeypatch):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.chdir(tmp_path)
+    code = main(["fetch", "--params", str(params_file), "--preset", "cifar10"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cifar10.ckpt" in err and "by hand" in err
+    assert not (tmp_path / "data/checkpoints/cifar10.ckpt").exists()
