@@ -112,6 +112,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _set_threads(params)
     device = resolve_device(params["device"])
     model = _load_model(preset, args.checkpoint, device)
+    method, qconfig = "fp32", None
+    if args.qparams:
+        from modiff.quant.api import load_quantized
+
+        overrides = {"backend": args.backend} if args.backend else {}
+        model, qconfig = load_quantized(model.cpu(), args.qparams, **overrides)
+        if qconfig.backend == "native" and device.type != "cpu":
+            raise SystemExit("backend 'native' runs on the CPU; use --backend simulated on CUDA")
+        model = model.to(device)
+        method = "qdiff" if qconfig.modulation == "none" else "modiff"
     t0 = time.perf_counter()
     images = sample_images(
         model,
@@ -126,7 +136,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
     meta = {
         "preset": preset["name"],
-        "method": "fp32",
+        "method": method,
+        "quant": None if qconfig is None else qconfig.to_dict(),
         "indices": [start, start + n],
         "seed": params["seed"],
         "sampling": s,
@@ -136,6 +147,61 @@ def cmd_sample(args: argparse.Namespace) -> None:
     }
     save_images(args.out, images, **meta)
     log.info("wrote %d images to %s in %.1f s", len(images), args.out, meta["seconds"])
+
+
+def cmd_calib_data(args: argparse.Namespace) -> None:
+    """Time-step-aware calibration inputs (with previous-step inputs) from FP32 sampling."""
+    from modiff.quant.calibration import collect_calibration, save_calibration
+    from modiff.runtime import resolve_device
+
+    params, preset = _settings(args)
+    c = preset["calibration"]
+    _set_threads(params)
+    device = resolve_device(params["device"])
+    model = _load_model(preset, args.checkpoint, device)
+    data = collect_calibration(
+        model, preset, cali_st=c["cali_st"], cali_n=c["cali_n"], seed=params["seed"],
+        batch_size=c["batch_size"], device=device,
+    )  # fmt: skip
+    save_calibration(data, _calibration_meta(params, preset, args.checkpoint), args.out)
+    log.info("wrote %d calibration inputs to %s", len(data["xs"]), args.out)
+
+
+def _calibration_meta(params: dict[str, Any], preset: dict[str, Any], checkpoint: str | None):
+    from modiff.config import checkpoint_path
+    from modiff.fetch import file_digest
+
+    return {
+        "preset": preset["name"],
+        "checkpoint_sha256": file_digest(checkpoint or checkpoint_path(preset["name"]), "sha256"),
+        "seed": params["seed"],
+        "sampling": {k: preset["sampling"][k] for k in ("steps", "skip_type", "eta")},
+        "calibration": {k: preset["calibration"][k] for k in ("cali_st", "cali_n")},
+    }
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Quantize the preset model (scale search on calibration data); save its parameters."""
+    from modiff.quant import QuantConfig, quantize_
+    from modiff.quant.api import save_quant_params, target_layers, weights_fingerprint
+    from modiff.quant.calibration import load_calibration
+
+    params, preset = _settings(args)
+    _set_threads(params)
+    config = QuantConfig(
+        w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend
+    )
+    meta = _calibration_meta(params, preset, args.checkpoint)
+    calibration = load_calibration(args.calib, meta) if config.a_scale == "static" else None
+    model = _load_model(preset, args.checkpoint, "cpu")
+    fingerprint = weights_fingerprint(model, list(target_layers(model, config)))
+    t0 = time.perf_counter()
+    quantize_(model, config, calibration, seed=params["seed"])
+    meta["calibrate_seconds"] = round(time.perf_counter() - t0, 1)
+    meta["method"] = "Q-Diff-style calibration (MSE scale search, nearest rounding)"
+    save_quant_params(model, config, fingerprint, args.out, meta)
+    log.info("calibrated W%dA%d (%s) in %.0f s -> %s", config.w_bits, config.a_bits,
+             config.a_scale, meta["calibrate_seconds"], args.out)  # fmt: skip
 
 
 def cmd_fid(args: argparse.Namespace) -> None:
@@ -261,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
     p.add_argument("--n", type=_positive_int, help="number of images (default: sampling.n_samples)")
     p.add_argument("--start", type=_non_negative_int, default=0, help="index of the first image")
+    p.add_argument("--qparams", help="quantization parameters (modiff calibrate); default FP32")
+    p.add_argument("--backend", choices=["native", "simulated"], help="override the file's")
+
+    p = add("calib-data", cmd_calib_data)
+    p.add_argument("--out", required=True, help="calibration tensors to write")
+    p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
+
+    p = add("calibrate", cmd_calibrate)
+    p.add_argument("--calib", required=True, help="calibration data (modiff calib-data)")
+    p.add_argument("--out", required=True, help="quantization parameters to write")
+    p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
+    p.add_argument("--w-bits", type=int, default=8)
+    p.add_argument("--a-bits", type=int, default=8)
+    p.add_argument("--a-scale", choices=["static", "dynamic"], default="static")
+    p.add_argument("--backend", choices=["native", "simulated"], default="native")
 
     p = add("fid", cmd_fid)
     p.add_argument("--samples", required=True)
@@ -309,10 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     from modiff.fetch import FetchError
     from modiff.metrics import MetricsOfflineError
 
-    user_errors = (ConfigError, FileNotFoundError, FetchError, CheckpointError, MetricsOfflineError)
+    user_errors = (ConfigError, FileNotFoundError, FetchError, CheckpointError, MetricsOfflineError,
+                   ValueError)  # fmt: skip
     try:
         args.func(args)
     except user_errors as exc:
+        if args.verbose:
+            raise
         print(f"modiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

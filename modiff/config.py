@@ -68,6 +68,10 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             timestep_sequence(s["steps"], s["skip_type"], d["num_diffusion_timesteps"])
         except ValueError as exc:
             problems.append(f"presets.{name}.sampling: {exc}")
+        if not preset["calibration"]["cali_st"] < s["steps"]:
+            problems.append(
+                f"presets.{name}.calibration.cali_st must be below sampling.steps ({s['steps']})"
+            )
         if preset["model"]["in_channels"] != preset["data"]["channels"]:
             problems.append(f"presets.{name}.model.in_channels must equal data.channels")
     return problems

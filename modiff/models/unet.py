@@ -170,7 +170,10 @@ class DDIMUNet(nn.Module):
             for i_block in range(num_res_blocks + 1):
                 if i_block == num_res_blocks:
                     skip_in = ch * in_ch_mult[level]
-                blocks.append(ResnetBlock(block_in + skip_in, block_out, self.temb_ch, dropout))
+                block = ResnetBlock(block_in + skip_in, block_out, self.temb_ch, dropout)
+                # Its input is cat([h, skip]); quantizers may treat the two parts separately.
+                block.concat_split = block_in
+                blocks.append(block)
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     attns.append(AttnBlock(block_in))

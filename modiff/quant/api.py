@@ -1,0 +1,361 @@
+"""``quantize_(model, config, calibration)``: swap every selected Conv2d/Linear for a quantized one.
+
+Method ("Q-Diff-style calibration (MSE scale search, nearest rounding)"; no AdaRound/BRECQ
+reconstruction):
+- weights: symmetric, per output channel, scale by an L_p (p = 2.4) search over 80 clipping
+  ranges ``max|w| (1 - 0.01 i)``, nearest rounding;
+- static activations: one scale per layer input, chosen from the same 80 clipping ranges of the
+  input's max |a| by the least L_p error of the quantised input over the calibration data
+  (a bounded random subsample of each layer's inputs; the max is exact);
+- dynamic activations: scale from each tensor's range at run time (per tensor or per sample).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from modiff.io import atomic_output
+from modiff.quant.config import QuantConfig
+from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer
+from modiff.quant.quantizer import (
+    SEARCH_SHRINK,
+    SEARCH_STEPS,
+    act_grid,
+    asymmetric_params,
+    fake_quantize,
+    lp_error,
+    quantize_weight,
+    search_weight_scales,
+    symmetric_scale,
+)
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+def target_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """The Conv2d/Linear modules ``config`` selects, by qualified name, in model order."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE) and config.selects(name)
+    }
+
+
+def input_split(model: nn.Module, name: str, config: QuantConfig) -> int | None:
+    """Channel index splitting a layer's concatenated input, if the model declares one."""
+    if not config.split_shortcut or not name.endswith("nin_shortcut"):
+        return None
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return getattr(parent, "concat_split", None)
+
+
+def _parts(layer: nn.Module, split: int | None) -> list[tuple[nn.Module, slice]]:
+    """(layer restricted to an input slice, that slice) for each quantized part."""
+    if split is None:
+        return [(layer, slice(None))]
+    out = []
+    for i, sl in enumerate((slice(0, split), slice(split, None))):
+        part = nn.Conv2d(
+            layer.weight[:, sl].shape[1], layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, bias=(i == 0 and layer.bias is not None),
+        )  # fmt: skip
+        with torch.no_grad():
+            part.weight.copy_(layer.weight[:, sl])
+            if i == 0 and layer.bias is not None:
+                part.bias.copy_(layer.bias)
+        out.append((part, sl))
+    return out
+
+
+class _InputRecorder:
+    """Keeps, per layer input, the exact min/max and a random subsample of about
+    ``max_values`` values (spread evenly over the calibration batches)."""
+
+    def __init__(self, max_values: int, totals: dict[str, int], seed: int):
+        self.max_values = max_values
+        self.totals = totals
+        self.gen = torch.Generator().manual_seed(seed)
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def record(self, key: str, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(-1).cpu()
+        st = self.stats.setdefault(key, {"lo": float("inf"), "hi": float("-inf"), "sample": []})
+        st["lo"] = min(st["lo"], flat.min().item())
+        st["hi"] = max(st["hi"], flat.max().item())
+        keep = max(1, round(self.max_values * flat.numel() / self.totals[key]))
+        if keep < flat.numel():
+            flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.gen)]
+        st["sample"].append(flat.clone())
+
+
+class _SizeRecorder:
+    def __init__(self):
+        self.numel: dict[str, int] = {}
+
+    def record(self, key: str, x: torch.Tensor) -> None:
+        self.numel[key] = x.numel()
+
+
+def _run_with_hooks(model, names, splits, recorder, batches) -> None:
+    handles = []
+    for name in names:
+        split = splits[name]
+
+        def hook(_mod, args, name=name, split=split):
+            x = args[0]
+            if split is None:
+                recorder.record(name, x)
+            else:
+                recorder.record(f"{name}.part0", x[:, :split])
+                recorder.record(f"{name}.part1", x[:, split:])
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        for x, t in batches:
+            model(x, t)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_inputs(
+    model: nn.Module,
+    names: list[str],
+    splits: dict[str, int | None],
+    xs: torch.Tensor,
+    ts: torch.Tensor,
+    config: QuantConfig,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Run calibration inputs through the float model; per-layer input statistics."""
+    device = next(model.parameters()).device
+    sizes = _SizeRecorder()
+    _run_with_hooks(model, names, splits, sizes, [(xs[:1].to(device), ts[:1].to(device))])
+    totals = {k: n * xs.shape[0] for k, n in sizes.numel.items()}
+    recorder = _InputRecorder(config.calib_max_values, totals, seed)
+    bs = config.calib_batch_size
+    batches = (
+        (xs[i : i + bs].to(device), ts[i : i + bs].to(device)) for i in range(0, len(xs), bs)
+    )
+    _run_with_hooks(model, names, splits, recorder, tqdm(batches, desc="calibrate", leave=False,
+                    total=(len(xs) + bs - 1) // bs))  # fmt: skip
+    return recorder.stats
+
+
+def search_act_params(
+    stats: dict[str, Any], bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static activation scale/zero point with the least L_p error on the recorded inputs."""
+    qmin, qmax = act_grid(bits, symmetric)
+    sample = torch.cat(stats["sample"])
+    lo, hi = torch.tensor(stats["lo"]), torch.tensor(stats["hi"])
+    best, best_err = None, float("inf")
+    for i in range(SEARCH_STEPS):
+        shrink = 1 - SEARCH_SHRINK * i
+        if symmetric:
+            scale = symmetric_scale(torch.maximum(-lo, hi) * shrink, qmin, qmax)
+            zp = torch.tensor(128.0)
+        else:
+            scale, zp = asymmetric_params(lo * shrink, hi * shrink, qmin, qmax)
+        err = lp_error(fake_quantize(sample, scale, zp, qmin, qmax), sample).item()
+        if err < best_err:
+            best, best_err = (scale.float(), zp.long()), err
+    return best
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: dict[str, torch.Tensor] | None = None,
+    *,
+    seed: int = 0,
+) -> nn.Module:
+    """Quantize ``model`` in place (every selected Conv2d/Linear) and return it.
+
+    ``calibration`` is the dict ``modiff calib-data`` writes (``xs``, ``ts``, ...); static
+    activation scales need it, dynamic ones do not.
+    """
+    if config.a_scale == "static" and calibration is None:
+        raise ValueError("static activation scales need calibration data (modiff calib-data)")
+    names = list(target_layers(model, config))
+    if not names:
+        raise ValueError("the config selects no Conv2d/Linear layer of this model")
+    splits = {n: input_split(model, n, config) for n in names}
+    stats = {}
+    if config.a_scale == "static":
+        model.eval()
+        stats = collect_inputs(model, names, splits, calibration["xs"], calibration["ts"], config,
+                               seed)  # fmt: skip
+    params = {}
+    for name in tqdm(names, desc="quantize", leave=False):
+        layer = model.get_submodule(name)
+        for i, (part, _) in enumerate(_parts(layer, splits[name])):
+            key = name if splits[name] is None else f"{name}.part{i}"
+            params[key] = make_layer_params(part, config, stats.get(key))
+    return apply_params(model, config, params, splits)
+
+
+def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
+    w = layer.weight.detach().cpu()
+    w_scale = search_weight_scales(w, config.w_bits)
+    act_scale = act_zp = None
+    if config.a_scale == "static":
+        act_scale, act_zp = search_act_params(stats, config.a_bits, config.a_symmetric)
+    return LayerParams(
+        weight_codes=quantize_weight(w, w_scale, config.w_bits),
+        weight_scale=w_scale,
+        bias=None if layer.bias is None else layer.bias.detach().cpu().float(),
+        act_scale=act_scale,
+        act_zero_point=act_zp,
+    )
+
+
+def apply_params(
+    model: nn.Module,
+    config: QuantConfig,
+    params: dict[str, LayerParams],
+    splits: dict[str, int | None],
+) -> nn.Module:
+    """Swap the layers for quantized ones built from ``params``."""
+    for name, split in splits.items():
+        layer = model.get_submodule(name)
+        if split is None:
+            new = QuantLayer(layer, params[name], config)
+        else:
+            parts = [p for p, _ in _parts(layer, split)]
+            new = SplitInputLayer(
+                [QuantLayer(p, params[f"{name}.part{i}"], config) for i, p in enumerate(parts)],
+                split,
+            )
+        _set_submodule(model, name, new)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if "." in name:
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, new)
+    else:
+        setattr(model, name, new)
+
+
+# --- saved quantization parameters -------------------------------------------------------------
+
+PARAMS_FORMAT = "modiff-qparams-v1"
+
+
+def weights_fingerprint(model: nn.Module, names: list[str]) -> str:
+    """sha256 over the float weights and biases of the named layers (which model was quantized)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in names:
+        layer = model.get_submodule(name)
+        for t in (layer.weight, layer.bias):
+            if t is not None:
+                digest.update(name.encode())
+                digest.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Every QuantLayer of ``model`` by qualified name (split parts as ``name.parts.i``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def save_quant_params(
+    model: nn.Module,
+    config: QuantConfig,
+    fingerprint: str,
+    dest: str | Path,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Save a quantized model's parameters (config, layers, scales, zero points) as one file."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SplitInputLayer):
+            layers[name] = {"split": m.split, "parts": [_layer_state(p) for p in m.parts]}
+        elif isinstance(m, QuantLayer) and not name.split(".")[-2:-1] == ["parts"]:
+            layers[name] = {"split": None, "parts": [_layer_state(m)]}
+    blob = {
+        "format": PARAMS_FORMAT,
+        "config": config.to_dict(),
+        "fingerprint": fingerprint,
+        "meta": meta or {},
+        "layers": layers,
+    }
+    with atomic_output(dest) as tmp, open(tmp, "wb") as fh:
+        torch.save(blob, fh)
+
+
+def _layer_state(m: QuantLayer) -> dict[str, Any]:
+    state = {"weight_scale": m.weight_scale.clone()}
+    if m.act_scale is not None:
+        state["act_scale"] = m.act_scale.clone()
+        state["act_zero_point"] = m.act_zero_point.clone()
+    return state
+
+
+def read_quant_params(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"quantization parameters {path} not found; run `modiff calibrate`")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != PARAMS_FORMAT:
+        raise ValueError(f"{path} is not a modiff quantization parameter file ({PARAMS_FORMAT})")
+    return blob
+
+
+def load_quantized(
+    model: nn.Module, path: str | Path, **config_overrides: Any
+) -> tuple[nn.Module, QuantConfig]:
+    """Rebuild the quantized model saved by :func:`save_quant_params` from float ``model``.
+
+    ``config_overrides`` may change how the same parameters run (e.g. ``backend``).
+    """
+    blob = read_quant_params(path)
+    config = QuantConfig.from_dict({**blob["config"], **config_overrides})
+    layers = blob["layers"]
+    missing = [n for n in layers if not _has_layer(model, n)]
+    if missing:
+        raise ValueError(
+            f"{path} does not fit this model: no layer {missing[:5]} (quantized another model?)"
+        )
+    fingerprint = weights_fingerprint(model, list(layers))
+    if fingerprint != blob["fingerprint"]:
+        raise ValueError(
+            f"{path} was calibrated on other weights (fingerprint {blob['fingerprint'][:12]} vs "
+            f"this model's {fingerprint[:12]}); calibrate again for this checkpoint"
+        )
+    params, splits = {}, {}
+    for name, entry in layers.items():
+        splits[name] = entry["split"]
+        layer = model.get_submodule(name)
+        for i, (part, _) in enumerate(_parts(layer, entry["split"])):
+            key = name if entry["split"] is None else f"{name}.part{i}"
+            st = entry["parts"][i]
+            w = part.weight.detach().cpu()
+            params[key] = LayerParams(
+                weight_codes=quantize_weight(w, st["weight_scale"], config.w_bits),
+                weight_scale=st["weight_scale"],
+                bias=None if part.bias is None else part.bias.detach().cpu().float(),
+                act_scale=st.get("act_scale"),
+                act_zero_point=st.get("act_zero_point"),
+            )
+    return apply_params(model, config, params, splits), config
+
+
+def _has_layer(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), QUANTIZABLE)
+    except AttributeError:
+        return False

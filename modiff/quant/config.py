@@ -1,0 +1,82 @@
+"""QuantConfig: everything that decides how a model is quantized, in one small dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from modiff.quant.quantizer import check_bits
+
+A_SCALES = ("static", "dynamic")
+BACKENDS = ("native", "simulated")
+A_GRANULARITIES = ("per_tensor", "per_sample")
+MODULATIONS = ("none", "compensated", "uncompensated")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize: bits, activation scales, backend, which layers.
+
+    - ``a_scale``: ``static`` (one scale per layer input, searched on calibration data) or
+      ``dynamic`` (computed from each tensor at run time).
+    - ``a_granularity``: ``per_tensor``, or ``per_sample`` (dynamic only: one scale per image).
+    - ``backend``: ``native`` (oneDNN integer kernels, CPU) or ``simulated`` (fake quantization
+      in float, any device; the reference for ``native``).
+    - ``include``/``exclude``: fnmatch patterns over module names; by default every Conv2d and
+      Linear is quantized (attention matmuls stay in float, as in the paper).
+    - ``split_shortcut``: the up path's ``nin_shortcut`` sees cat([h, skip]); quantize the two
+      halves separately (their ranges differ widely).
+    - ``modulation``: ``none`` (plain quantization); MoDiff modes are added by the modulation
+      module.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    a_scale: str = "static"
+    backend: str = "native"
+    a_granularity: str = "per_tensor"
+    a_symmetric: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    split_shortcut: bool = True
+    modulation: str = "none"
+    calib_batch_size: int = 256
+    calib_max_values: int = 1 << 18  # values per layer input kept for the scale search
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        _check_choice("a_scale", self.a_scale, A_SCALES)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("a_granularity", self.a_granularity, A_GRANULARITIES)
+        _check_choice("modulation", self.modulation, MODULATIONS)
+        if self.a_granularity == "per_sample" and self.a_scale != "dynamic":
+            raise ValueError("a_granularity 'per_sample' needs a_scale 'dynamic'")
+        if self.calib_batch_size < 1 or self.calib_max_values < 1:
+            raise ValueError("calib_batch_size and calib_max_values must be positive")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def selects(self, name: str) -> bool:
+        """Whether the layer called ``name`` is quantized."""
+        inc = any(fnmatch.fnmatchcase(name, p) for p in self.include)
+        return inc and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known {sorted(known)}")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

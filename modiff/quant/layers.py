@@ -1,0 +1,167 @@
+"""Quantized conv/linear layers: native (integer kernels) or simulated (fake quantization).
+
+A layer's quantization state is explicit tensors handed to its constructor: int8 weight codes,
+per-output-channel weight scales, the float bias, and, for static activations, the activation
+scale and zero point. Derived forms (the packed weight for the kernels, the dequantised weight
+for simulation) are built once, in the constructor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modiff.quant import kernels
+from modiff.quant.config import QuantConfig
+from modiff.quant.quantizer import (
+    act_grid,
+    asymmetric_params,
+    fake_quantize,
+    symmetric_scale,
+)
+
+
+@dataclass
+class LayerParams:
+    """The saved quantization state of one layer (or one half of a split layer)."""
+
+    weight_codes: torch.Tensor  # int8, the layer's weight shape
+    weight_scale: torch.Tensor  # float32 (out_channels,)
+    bias: torch.Tensor | None  # float32 (out_channels,)
+    act_scale: torch.Tensor | None  # float32 () for static activations, else None
+    act_zero_point: torch.Tensor | None  # int64 ()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.weight_scale": self.weight_scale}
+        if self.act_scale is not None:
+            out[f"{prefix}.act_scale"] = self.act_scale
+            out[f"{prefix}.act_zero_point"] = self.act_zero_point
+        return out
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear with quantized weights and inputs."""
+
+    def __init__(self, template: nn.Conv2d | nn.Linear, params: LayerParams, config: QuantConfig):
+        super().__init__()
+        self.is_conv = isinstance(template, nn.Conv2d)
+        self.config = config
+        self.a_qmin, self.a_qmax = act_grid(config.a_bits, config.a_symmetric)
+        if self.is_conv:
+            self.stride = list(template.stride)
+            self.padding = list(template.padding)
+            self.dilation = list(template.dilation)
+            self.groups = template.groups
+            if template.padding_mode != "zeros" or isinstance(template.padding, str):
+                raise ValueError("only zero-padded convs with explicit padding are supported")
+        self.register_buffer("weight_codes", params.weight_codes.to(torch.int8))
+        self.register_buffer("weight_scale", params.weight_scale.float())
+        self.register_buffer("bias", None if params.bias is None else params.bias.float())
+        static = config.a_scale == "static"
+        if static and params.act_scale is None:
+            raise ValueError("static activations need an act_scale (calibrate first)")
+        self.register_buffer("act_scale", params.act_scale.float() if static else None)
+        self.register_buffer("act_zero_point", params.act_zero_point.long() if static else None)
+        w_shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+        if config.backend == "native":
+            if not kernels.available():
+                raise RuntimeError(
+                    "backend 'native' needs torch's oneDNN int8 CPU kernels, not in this build; "
+                    "use backend 'simulated'"
+                )
+            self._w_zero_point = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
+            if self.is_conv:
+                self._packed = kernels.pack_conv_weight(
+                    self.weight_codes, self.weight_scale, self.stride, self.padding,
+                    self.dilation, self.groups,
+                )  # fmt: skip
+            else:
+                self._packed = kernels.pack_linear_weight(self.weight_codes)
+        else:
+            self._w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
+
+    # -- activations ------------------------------------------------------------------------
+
+    def act_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point for input ``x``: static, or computed from ``x`` now."""
+        if self.act_scale is not None:
+            return self.act_scale, self.act_zero_point
+        c = self.config
+        if c.a_granularity == "per_sample":
+            dims = tuple(range(1, x.dim()))
+            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        else:
+            lo, hi = x.amin(), x.amax()
+        if c.a_symmetric:
+            scale = symmetric_scale(torch.maximum(-lo, hi), self.a_qmin, self.a_qmax)
+            return scale, torch.full_like(scale, 128, dtype=torch.long)
+        scale, zp = asymmetric_params(lo, hi, self.a_qmin, self.a_qmax)
+        return scale, zp.long()
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zp = self.act_params(x)
+        if self.config.backend == "native":
+            return self._forward_native(x, scale, zp)
+        return self._forward_simulated(x, scale, zp)
+
+    def _forward_simulated(self, x, scale, zp) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        xq = fake_quantize(x, scale.reshape(shape), zp.reshape(shape).float(), self.a_qmin,
+                           self.a_qmax)  # fmt: skip
+        w = self._w_float.to(x.device)
+        bias = None if self.bias is None else self.bias.to(x.device)
+        if self.is_conv:
+            return F.conv2d(xq, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(xq, w, bias)
+
+    def _forward_native(self, x, scale, zp) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("backend 'native' runs on the CPU; use 'simulated' on CUDA")
+        if scale.dim() == 0:
+            return self._int_op(x, float(scale), int(zp), self.bias)
+        # One scale per sample: quantize each sample by its own scale, run the kernel with a
+        # unit input scale, rescale each sample's output, then add the bias once.
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        out = self._int_op(x * (1.0 / scale.reshape(shape)), 1.0, 128, None) * scale.reshape(shape)
+        return out if self.bias is None else out + self.bias.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+    def _int_op(self, x: torch.Tensor, scale: float, zp: int, bias) -> torch.Tensor:
+        codes = kernels.quantize_activation(x, scale, zp, self.a_qmin, self.a_qmax)
+        if self.is_conv:
+            return kernels.conv2d(
+                codes, scale, zp, self._packed, self.weight_scale, self._w_zero_point, bias,
+                self.stride, self.padding, self.dilation, self.groups,
+            )  # fmt: skip
+        lead = codes.shape[:-1]
+        out = kernels.linear(
+            codes.reshape(-1, codes.shape[-1]), scale, zp, self._packed, self.weight_scale,
+            self._w_zero_point, bias,
+        )  # fmt: skip
+        return out.reshape(*lead, -1)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        kind = "conv" if self.is_conv else "linear"
+        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {c.backend}"
+
+
+class SplitInputLayer(nn.Module):
+    """A layer whose input is cat([h, skip]) along channels, each part quantized on its own.
+
+    Runs one quantized layer per part on its input channels and sums the outputs (the bias
+    belongs to the first part only), exactly ``layer(cat([h, skip]))`` without quantization.
+    """
+
+    def __init__(self, parts: list[QuantLayer], split: int):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head, tail = x[:, : self.split], x[:, self.split :]
+        return self.parts[0](head) + self.parts[1](tail)
