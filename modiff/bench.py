@@ -262,3 +262,32 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f" | {r.get('sampling_mem_mb', '-')} | {r.get('peak_rss_mb', '-')} |"
         )
     return "\n".join(lines)
+
+
+class QuantizedVariant:
+    """A benchmark variant: the model quantized by ``config`` (picklable for the memory probe).
+
+    Static scales are calibrated on a few random model inputs: their values do not change
+    the speed, only the accuracy, which the pipeline measures separately.
+    """
+
+    def __init__(self, config: Any, channels_last: bool = True):
+        self.config = config
+        self.channels_last = channels_last
+        self.__name__ = "quantized"
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        from modiff.quant import quantize_
+
+        calibration = None
+        if self.config.a_scale == "static":
+            g = torch.Generator().manual_seed(0)
+            res, ch = model.resolution, model.in_channels
+            calibration = {
+                "xs": torch.randn(8, ch, res, res, generator=g),
+                "ts": torch.randint(0, 1000, (8,), generator=g).float(),
+            }
+        model = quantize_(model, self.config, calibration)
+        if self.channels_last:
+            return _ChannelsLast(model.to(memory_format=torch.channels_last))
+        return model

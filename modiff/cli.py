@@ -263,11 +263,30 @@ def cmd_bench(args: argparse.Namespace) -> None:
     rows = []
     for case in cases:
         log.info("timing %s (%s weights) at batch %s", case.name, case.weights, b["batch_sizes"])
-        rows += time_variants(case, {}, settings)
+        rows += time_variants(case, bench_variants(b["variants"]), settings)
     print(format_table(rows))
     _write_metrics(
         {"environment": environment(), "settings": vars(settings), "rows": rows}, args.out
     )
+
+
+def bench_variants(names: list[str]) -> dict[str, Any]:
+    """Benchmark variants by name, e.g. ``w8a8-native`` (quantized, static scales)."""
+    import re
+
+    from modiff.bench import QuantizedVariant
+    from modiff.quant import QuantConfig
+
+    variants = {}
+    for name in names:
+        match = re.fullmatch(r"w(\d)a(\d)-(native|simulated)(-dynamic)?", name)
+        if not match:
+            raise ValueError(f"bench variant '{name}' is not of the form w8a8-native[-dynamic]")
+        w, a, backend, dynamic = match.groups()
+        config = QuantConfig(w_bits=int(w), a_bits=int(a), backend=backend,
+                             a_scale="dynamic" if dynamic else "static")  # fmt: skip
+        variants[name] = QuantizedVariant(config)
+    return variants
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -19,9 +19,10 @@ BIN = Path(sys.executable).parent
 
 def smoke_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
-    params["bench"] = {"batch_sizes": [2], "repetitions": 2, "steps": 3, "cifar10": False}
+    params["bench"].update(batch_sizes=[2], repetitions=2, steps=3, cifar10=False)
     sampling = params["presets"]["digits"]["sampling"]
     sampling.update(n_samples=40, batch_size=20, steps=10)
+    params["presets"]["digits"]["calibration"].update(cali_st=5, cali_n=16)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -28,12 +28,16 @@ def quantize_activation(
 ) -> torch.Tensor:
     """Float -> uint8 codes ``clamp(round(x / scale) + zero_point, qmin, qmax)``.
 
-    Uses the fused ``quantize_per_tensor`` kernel (keeps channels-last); a grid narrower than
-    8 bits is enforced by clamping the float input first, which lands exactly on the codes.
+    Uses the fused ``quantize_per_tensor`` kernel (keeps channels-last) and reinterprets its
+    quint8 storage as uint8 (``int_repr()`` would copy: 8 ms against 1 ms at CIFAR-10 sizes).
+    A grid narrower than 8 bits is enforced by clamping the float input first, which lands
+    exactly on the codes.
     """
     if qmin > ACT_QMIN or qmax < ACT_QMAX:
         x = x.clamp((qmin - zero_point) * scale, (qmax - zero_point) * scale)
-    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+    q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+    codes = torch.empty(0, dtype=ACT_DTYPE, device=q.device)
+    return codes.set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
 
 def pack_conv_weight(
