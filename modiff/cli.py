@@ -220,6 +220,10 @@ def cmd_fid(args: argparse.Namespace) -> None:
     )
     result["samples"] = str(args.samples)
     result["steps"] = meta.get("sampling", {}).get("steps")
+    result["method"] = meta.get("method")
+    quant = meta.get("quant") or {}
+    result["backend"] = quant.get("backend", "fp32")
+    result.update({k: quant[k] for k in ("w_bits", "a_bits", "a_scale") if k in quant})
     if preset["fid"]["feature_extractor"] == "digits-classifier":
         from modiff.classifier import class_histogram, load_classifier
 

@@ -228,3 +228,18 @@ def test_bad_config_is_refused(kw, message):
 def test_static_scales_need_calibration(tiny_model):
     with pytest.raises(ValueError, match="need calibration data"):
         quantize_(tiny_model, QuantConfig(a_scale="static"))
+
+
+@pytest.mark.parametrize("backend", ["native", "simulated"])
+def test_quantize_works_on_any_module(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 16, 4)
+    )
+    x = torch.randn(5, 3, 4, 4)
+    ref = model(x)
+    quantize_(model, QuantConfig(a_scale="dynamic", backend=backend))
+    assert [type(m) for m in model] == [QuantLayer, nn.SiLU, nn.Flatten, QuantLayer]
+    with torch.no_grad():
+        out = model(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()

@@ -81,7 +81,9 @@ class QuantLayer(nn.Module):
             else:
                 self._packed = kernels.pack_linear_weight(self.weight_codes)
         else:
-            self._w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
+            # Derived, not saved; a buffer so that .to(device) moves it with the layer.
+            w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
+            self.register_buffer("_w_float", w_float, persistent=False)
 
     # -- activations ------------------------------------------------------------------------
 
@@ -113,11 +115,11 @@ class QuantLayer(nn.Module):
         shape = (-1,) + (1,) * (x.dim() - 1)
         xq = fake_quantize(x, scale.reshape(shape), zp.reshape(shape).float(), self.a_qmin,
                            self.a_qmax)  # fmt: skip
-        w = self._w_float.to(x.device)
-        bias = None if self.bias is None else self.bias.to(x.device)
         if self.is_conv:
-            return F.conv2d(xq, w, bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.linear(xq, w, bias)
+            return F.conv2d(
+                xq, self._w_float, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
+        return F.linear(xq, self._w_float, self.bias)
 
     def _forward_native(self, x, scale, zp) -> torch.Tensor:
         if x.device.type != "cpu":
