@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from modiff.quant.quantizer import check_bits
@@ -44,7 +44,6 @@ class QuantConfig:
     modulation: str = "none"
     calib_batch_size: int = 256
     calib_max_values: int = 1 << 18  # values per layer input kept for the scale search
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")

@@ -34,13 +34,6 @@ class LayerParams:
     act_scale: torch.Tensor | None  # float32 () for static activations, else None
     act_zero_point: torch.Tensor | None  # int64 ()
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.weight_scale": self.weight_scale}
-        if self.act_scale is not None:
-            out[f"{prefix}.act_scale"] = self.act_scale
-            out[f"{prefix}.act_zero_point"] = self.act_zero_point
-        return out
-
 
 class QuantLayer(nn.Module):
     """A Conv2d or Linear with quantized weights and inputs."""
