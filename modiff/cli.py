@@ -189,8 +189,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     params, preset = _settings(args)
     _set_threads(params)
     config = QuantConfig(
-        w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend
-    )
+        w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend,
+        a_granularity=args.a_granularity, modulation=args.modulation, warmup=args.warmup,
+    )  # fmt: skip
     meta = _calibration_meta(params, preset, args.checkpoint)
     calibration = load_calibration(args.calib, meta) if config.a_scale == "static" else None
     model = _load_model(preset, args.checkpoint, "cpu")
@@ -365,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--a-scale", choices=["static", "dynamic"], default="static")
     p.add_argument("--backend", choices=["native", "simulated"], default="native")
+    p.add_argument("--a-granularity", choices=["per_tensor", "per_sample"], default="per_tensor")
+    p.add_argument(
+        "--modulation", choices=["none", "compensated", "uncompensated"], default="none",
+        help="none: Q-Diff; compensated: MoDiff; uncompensated: the paper's ablation",
+    )  # fmt: skip
+    p.add_argument("--warmup", default="fp", help="MoDiff first step: fp, quantized or repeat:k")
 
     p = add("fid", cmd_fid)
     p.add_argument("--samples", required=True)

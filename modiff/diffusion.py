@@ -87,8 +87,11 @@ def ddim_sample(
     ``generator`` feeds the eta > 0 step noise: one generator for the batch, or one per image
     (the per-image streams that make sampling independent of batching). Noise is drawn on the
     CPU and moved to ``x_T``'s device. ``callback(i, t, x)`` sees each model input (used to
-    collect calibration data).
+    collect calibration data). Modulation caches of quantized layers are reset first.
     """
+    from modiff.quant.layers import reset_caches
+
+    reset_caches(model)  # a new batch of trajectories: modulation caches start empty
     device = x_T.device
     betas = betas.to(device)
     n = x_T.shape[0]

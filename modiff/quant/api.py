@@ -127,27 +127,54 @@ def _run_with_hooks(model, names, splits, recorder, batches) -> None:
 
 
 @torch.no_grad()
+class _ResidualRecorder:
+    """Records layer-input residuals: first pass stores each input of the previous step, the
+    second pass hands ``input - stored`` to the statistics recorder."""
+
+    def __init__(self, stats: _InputRecorder):
+        self.stats = stats
+        self.previous: dict[str, torch.Tensor] | None = None
+        self.current: dict[str, torch.Tensor] = {}
+
+    def record(self, key: str, x: torch.Tensor) -> None:
+        if self.previous is None:
+            self.current[key] = x.detach().clone()
+        else:
+            self.stats.record(key, x - self.previous[key])
+
+
+@torch.no_grad()
 def collect_inputs(
     model: nn.Module,
     names: list[str],
     splits: dict[str, int | None],
-    xs: torch.Tensor,
-    ts: torch.Tensor,
+    calibration: dict[str, torch.Tensor],
     config: QuantConfig,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Run calibration inputs through the float model; per-layer input statistics."""
+    """Per-layer input statistics of the float model on calibration inputs.
+
+    With modulation the quantized tensors are residuals, so the statistics are those of each
+    layer's input at x_t minus its input at the previous step (x_prev, t_prev).
+    """
     device = next(model.parameters()).device
+    xs, ts = calibration["xs"], calibration["ts"]
     sizes = _SizeRecorder()
     _run_with_hooks(model, names, splits, sizes, [(xs[:1].to(device), ts[:1].to(device))])
     totals = {k: n * xs.shape[0] for k, n in sizes.numel.items()}
     recorder = _InputRecorder(config.calib_max_values, totals, seed)
     bs = config.calib_batch_size
-    batches = (
-        (xs[i : i + bs].to(device), ts[i : i + bs].to(device)) for i in range(0, len(xs), bs)
-    )
-    _run_with_hooks(model, names, splits, recorder, tqdm(batches, desc="calibrate", leave=False,
-                    total=(len(xs) + bs - 1) // bs))  # fmt: skip
+    for i in tqdm(range(0, len(xs), bs), desc="calibrate", leave=False):
+        batch = [(xs[i : i + bs].to(device), ts[i : i + bs].to(device))]
+        if config.modulation == "none":
+            _run_with_hooks(model, names, splits, recorder, batch)
+            continue
+        prev = [(calibration["xs_prev"][i : i + bs].to(device),
+                 calibration["ts_prev"][i : i + bs].to(device))]  # fmt: skip
+        residuals = _ResidualRecorder(recorder)
+        _run_with_hooks(model, names, splits, residuals, prev)
+        residuals.previous = residuals.current
+        _run_with_hooks(model, names, splits, residuals, batch)
     return recorder.stats
 
 
@@ -193,8 +220,7 @@ def quantize_(
     stats = {}
     if config.a_scale == "static":
         model.eval()
-        stats = collect_inputs(model, names, splits, calibration["xs"], calibration["ts"], config,
-                               seed)  # fmt: skip
+        stats = collect_inputs(model, names, splits, calibration, config, seed)
     params = {}
     for name in tqdm(names, desc="quantize", leave=False):
         layer = model.get_submodule(name)

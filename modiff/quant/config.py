@@ -28,8 +28,11 @@ class QuantConfig:
       Linear is quantized (attention matmuls stay in float, as in the paper).
     - ``split_shortcut``: the up path's ``nin_shortcut`` sees cat([h, skip]); quantize the two
       halves separately (their ranges differ widely).
-    - ``modulation``: ``none`` (plain quantization); MoDiff modes are added by the modulation
-      module.
+    - ``modulation``: ``none`` (plain quantization), ``compensated`` (MoDiff: each layer
+      quantizes the residual against its reconstructed input and accumulates its output) or
+      ``uncompensated`` (residual against the true previous input: the paper's ablation).
+    - ``warmup``: the first step of a trajectory under modulation: ``fp`` (full precision,
+      the paper's default), ``quantized``, or ``repeat:k`` (a_T fed k times).
     """
 
     w_bits: int = 8
@@ -42,6 +45,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     split_shortcut: bool = True
     modulation: str = "none"
+    warmup: str = "fp"
     calib_batch_size: int = 256
     calib_max_values: int = 1 << 18  # values per layer input kept for the scale search
 
@@ -54,6 +58,13 @@ class QuantConfig:
         _check_choice("modulation", self.modulation, MODULATIONS)
         if self.a_granularity == "per_sample" and self.a_scale != "dynamic":
             raise ValueError("a_granularity 'per_sample' needs a_scale 'dynamic'")
+        mode, _, k = self.warmup.partition(":")
+        if not (
+            self.warmup in ("fp", "quantized") or (mode == "repeat" and k.isdigit() and int(k) > 0)
+        ):
+            raise ValueError(
+                f"warmup must be 'fp', 'quantized' or 'repeat:k' (k >= 1), got {self.warmup!r}"
+            )
         if self.calib_batch_size < 1 or self.calib_max_values < 1:
             raise ValueError("calib_batch_size and calib_max_values must be positive")
         object.__setattr__(self, "include", tuple(self.include))

@@ -73,10 +73,11 @@ class QuantLayer(nn.Module):
                 )  # fmt: skip
             else:
                 self._packed = kernels.pack_linear_weight(self.weight_codes)
-        else:
+        if config.backend == "simulated" or config.modulation != "none":
             # Derived, not saved; a buffer so that .to(device) moves it with the layer.
             w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
             self.register_buffer("_w_float", w_float, persistent=False)
+        self.reset_cache()
 
     # -- activations ------------------------------------------------------------------------
 
@@ -99,34 +100,48 @@ class QuantLayer(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.modulation != "none":
+            return self._forward_modulated(x)
+        out, _ = self.quantized_op(x, self.bias)
+        return out
+
+    def quantized_op(
+        self, x: torch.Tensor, bias: torch.Tensor | None, dequantized: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This layer applied to Q(x) (plus ``bias``); with ``dequantized``, also Q(x) in float."""
         scale, zp = self.act_params(x)
-        if self.config.backend == "native":
-            return self._forward_native(x, scale, zp)
-        return self._forward_simulated(x, scale, zp)
-
-    def _forward_simulated(self, x, scale, zp) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
-        xq = fake_quantize(x, scale.reshape(shape), zp.reshape(shape).float(), self.a_qmin,
-                           self.a_qmax)  # fmt: skip
-        if self.is_conv:
-            return F.conv2d(
-                xq, self._w_float, self.bias, self.stride, self.padding, self.dilation, self.groups
-            )
-        return F.linear(xq, self._w_float, self.bias)
-
-    def _forward_native(self, x, scale, zp) -> torch.Tensor:
+        if self.config.backend == "simulated":
+            xq = fake_quantize(x, scale.reshape(shape), zp.reshape(shape).float(), self.a_qmin,
+                               self.a_qmax)  # fmt: skip
+            return self.float_op(xq, bias), xq
         if x.device.type != "cpu":
             raise RuntimeError("backend 'native' runs on the CPU; use 'simulated' on CUDA")
         if scale.dim() == 0:
-            return self._int_op(x, float(scale), int(zp), self.bias)
-        # One scale per sample: quantize each sample by its own scale, run the kernel with a
-        # unit input scale, rescale each sample's output, then add the bias once.
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        out = self._int_op(x * (1.0 / scale.reshape(shape)), 1.0, 128, None) * scale.reshape(shape)
-        return out if self.bias is None else out + self.bias.reshape((1, -1) + (1,) * (x.dim() - 2))
+            codes = kernels.quantize_activation(x, float(scale), int(zp), self.a_qmin, self.a_qmax)
+            out = self._int_op(codes, float(scale), int(zp), bias)
+        else:
+            # One scale per sample: quantize each sample by its own scale, run the kernel with
+            # a unit input scale, rescale each sample's output, then add the bias once.
+            codes = kernels.quantize_activation(
+                x * (1.0 / scale.reshape(shape)), 1.0, 128, self.a_qmin, self.a_qmax
+            )
+            out = self._int_op(codes, 1.0, 128, None) * scale.reshape(shape)
+            if bias is not None:
+                out = out + bias.reshape((1, -1) + (1,) * (x.dim() - 2))
+        if not dequantized:
+            return out, None
+        return out, (codes.float() - zp.reshape(shape)) * scale.reshape(shape)
 
-    def _int_op(self, x: torch.Tensor, scale: float, zp: int, bias) -> torch.Tensor:
-        codes = kernels.quantize_activation(x, scale, zp, self.a_qmin, self.a_qmax)
+    def float_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer in float with the dequantised weights (simulation and MoDiff's warm-up)."""
+        if self.is_conv:
+            return F.conv2d(
+                x, self._w_float, bias, self.stride, self.padding, self.dilation, self.groups
+            )
+        return F.linear(x, self._w_float, bias)
+
+    def _int_op(self, codes: torch.Tensor, scale: float, zp: int, bias) -> torch.Tensor:
         if self.is_conv:
             return kernels.conv2d(
                 codes, scale, zp, self._packed, self.weight_scale, self._w_zero_point, bias,
@@ -139,10 +154,64 @@ class QuantLayer(nn.Module):
         )  # fmt: skip
         return out.reshape(*lead, -1)
 
+    # -- MoDiff modulation -------------------------------------------------------------------
+
+    def reset_cache(self) -> None:
+        """Forget the trajectory: the next call is a warm-up step."""
+        self.a_hat = None  # input accumulator (reconstructed input)
+        self.o_hat = None  # output cache, bias excluded
+        self.a_prev = None  # true previous input (uncompensated mode only)
+
+    def _forward_modulated(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_hat is None:
+            self._warm_up(x)
+        else:
+            self._check_cache(x)
+            self._modulated_step(x)
+        return self.o_hat if self.bias is None else self.o_hat + self._bias_view(x)
+
+    def _warm_up(self, x: torch.Tensor) -> None:
+        mode, _, repeats = self.config.warmup.partition(":")
+        if mode == "fp":  # full precision: a_hat = a_T exactly, o_hat = A(a_T)
+            self.a_hat, self.o_hat = x.clone(), self.float_op(x, None)
+        else:  # quantized (once) or repeat:k (a_T fed k times) from empty caches
+            self.a_hat = torch.zeros_like(x)
+            self.o_hat = None
+            for _ in range(int(repeats) if mode == "repeat" else 1):
+                self._modulated_step(x)
+        self.a_prev = x.clone() if self.config.modulation == "uncompensated" else None
+
+    def _modulated_step(self, x: torch.Tensor) -> None:
+        compensated = self.config.modulation == "compensated" or self.a_prev is None
+        residual = x - (self.a_hat if compensated else self.a_prev)
+        out, dq = self.quantized_op(residual, None, dequantized=True)
+        self.a_hat = self.a_hat + dq
+        self.o_hat = out if self.o_hat is None else self.o_hat + out
+        if self.config.modulation == "uncompensated":
+            self.a_prev = x.clone()
+
+    def _check_cache(self, x: torch.Tensor) -> None:
+        a = self.a_hat
+        if x.shape != a.shape or x.device != a.device or x.dtype != a.dtype:
+            raise RuntimeError(
+                f"modulation caches hold a batch of {tuple(a.shape)} {a.dtype} on {a.device}, "
+                f"got {tuple(x.shape)} {x.dtype} on {x.device}; call "
+                "modiff.quant.reset_caches(model) before a new batch of trajectories"
+            )
+
+    def _bias_view(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.reshape((1, -1) + (1,) * (x.dim() - 2)) if self.is_conv else self.bias
+
+    def cache_bytes(self) -> int:
+        """Memory held by this layer's modulation caches."""
+        tensors = (self.a_hat, self.o_hat, self.a_prev)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def extra_repr(self) -> str:
         c = self.config
         kind = "conv" if self.is_conv else "linear"
-        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {c.backend}"
+        mod = "" if c.modulation == "none" else f", modulation {c.modulation}"
+        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {c.backend}{mod}"
 
 
 class SplitInputLayer(nn.Module):
@@ -160,3 +229,15 @@ class SplitInputLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head, tail = x[:, : self.split], x[:, self.split :]
         return self.parts[0](head) + self.parts[1](tail)
+
+
+def reset_caches(model: nn.Module) -> None:
+    """Clear the modulation caches of every quantized layer of ``model`` (a new trajectory)."""
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            m.reset_cache()
+
+
+def cache_bytes(model: nn.Module) -> int:
+    """Bytes held by all modulation caches of ``model``."""
+    return sum(m.cache_bytes() for m in model.modules() if isinstance(m, QuantLayer))
