@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from modiff.diffusion import beta_schedule, ddim_sample, timestep_sequence
+from modiff.quant.layers import cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def time_variants(
                 times[name].append(_trajectory_step_time(model, case, batch, settings.steps))
         for name in models:
             ratios = [f / v for f, v in zip(times["fp32"], times[name], strict=True)]
+            _trajectory_step_time(models[name], case, batch, 2)  # caches as sampling leaves them
             median_s = statistics.median(times[name])
             rows.append(
                 {
@@ -140,6 +142,7 @@ def time_variants(
                     "step_ms_all": [round(t * 1e3, 3) for t in times[name]],
                     "images_per_s": round(batch / median_s, 2),
                     "speedup_vs_fp32": round(statistics.median(ratios), 3),
+                    "cache_mb_per_image": round(cache_bytes(models[name]) / batch / 2**20, 2),
                     "fp32_layout": fp32_best.__name__.removeprefix("_"),
                 }
             )
@@ -252,14 +255,15 @@ def environment() -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| model | weights | variant | batch | ms/step | img/s | x FP32 "
-        "| sampling MB | peak RSS MB |"
+        "| sampling MB | peak RSS MB | cache MB/img |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['variant']} | {r['batch']} | {r['step_ms']:.2f}"
             f" | {r['images_per_s']:.1f} | {r['speedup_vs_fp32']:.2f}"
-            f" | {r.get('sampling_mem_mb', '-')} | {r.get('peak_rss_mb', '-')} |"
+            f" | {r.get('sampling_mem_mb', '-')} | {r.get('peak_rss_mb', '-')}"
+            f" | {r.get('cache_mb_per_image', '-')} |"
         )
     return "\n".join(lines)
 

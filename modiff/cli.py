@@ -276,7 +276,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def bench_variants(names: list[str]) -> dict[str, Any]:
-    """Benchmark variants by name, e.g. ``w8a8-native`` (quantized, static scales)."""
+    """Benchmark variants by name, e.g. ``w8a8-native`` (quantized, static scales) or
+    ``w8a8-native-modiff`` (with MoDiff modulation)."""
     import re
 
     from modiff.bench import QuantizedVariant
@@ -284,12 +285,15 @@ def bench_variants(names: list[str]) -> dict[str, Any]:
 
     variants = {}
     for name in names:
-        match = re.fullmatch(r"w(\d)a(\d)-(native|simulated)(-dynamic)?", name)
+        match = re.fullmatch(r"w(\d)a(\d)-(native|simulated)(-dynamic)?(-modiff)?", name)
         if not match:
-            raise ValueError(f"bench variant '{name}' is not of the form w8a8-native[-dynamic]")
-        w, a, backend, dynamic = match.groups()
+            raise ValueError(
+                f"bench variant '{name}' is not of the form w8a8-native[-dynamic][-modiff]"
+            )
+        w, a, backend, dynamic, modiff = match.groups()
         config = QuantConfig(w_bits=int(w), a_bits=int(a), backend=backend,
-                             a_scale="dynamic" if dynamic else "static")  # fmt: skip
+                             a_scale="dynamic" if dynamic else "static",
+                             modulation="compensated" if modiff else "none")  # fmt: skip
         variants[name] = QuantizedVariant(config)
     return variants
 
