@@ -287,10 +287,9 @@ class QuantizedVariant:
         if self.config.a_scale == "static":
             g = torch.Generator().manual_seed(0)
             res, ch = model.resolution, model.in_channels
-            calibration = {
-                "xs": torch.randn(8, ch, res, res, generator=g),
-                "ts": torch.randint(0, 1000, (8,), generator=g).float(),
-            }
+            xs = torch.randn(8, ch, res, res, generator=g)
+            ts = torch.randint(0, 990, (8,), generator=g).float()
+            calibration = {"xs": xs, "ts": ts, "xs_prev": 1.01 * xs, "ts_prev": ts + 10}
         model = quantize_(model, self.config, calibration)
         if self.channels_last:
             return _ChannelsLast(model.to(memory_format=torch.channels_last))
