@@ -57,10 +57,10 @@ def input_split(model: nn.Module, name: str, config: QuantConfig) -> int | None:
     return getattr(parent, "concat_split", None)
 
 
-def _parts(layer: nn.Module, split: int | None) -> list[tuple[nn.Module, slice]]:
-    """(layer restricted to an input slice, that slice) for each quantized part."""
+def _parts(layer: nn.Module, split: int | None) -> list[nn.Module]:
+    """The layer, or for a split input its two halves as layers of their own."""
     if split is None:
-        return [(layer, slice(None))]
+        return [layer]
     out = []
     for i, sl in enumerate((slice(0, split), slice(split, None))):
         part = nn.Conv2d(
@@ -71,7 +71,7 @@ def _parts(layer: nn.Module, split: int | None) -> list[tuple[nn.Module, slice]]
             part.weight.copy_(layer.weight[:, sl])
             if i == 0 and layer.bias is not None:
                 part.bias.copy_(layer.bias)
-        out.append((part, sl))
+        out.append(part)
     return out
 
 
@@ -224,7 +224,7 @@ def quantize_(
     params = {}
     for name in tqdm(names, desc="quantize", leave=False):
         layer = model.get_submodule(name)
-        for i, (part, _) in enumerate(_parts(layer, splits[name])):
+        for i, part in enumerate(_parts(layer, splits[name])):
             key = name if splits[name] is None else f"{name}.part{i}"
             params[key] = make_layer_params(part, config, stats.get(key))
     return apply_params(model, config, params, splits)
@@ -257,7 +257,7 @@ def apply_params(
         if split is None:
             new = QuantLayer(layer, params[name], config)
         else:
-            parts = [p for p, _ in _parts(layer, split)]
+            parts = _parts(layer, split)
             new = SplitInputLayer(
                 [QuantLayer(p, params[f"{name}.part{i}"], config) for i, p in enumerate(parts)],
                 split,
@@ -293,11 +293,6 @@ def weights_fingerprint(model: nn.Module, names: list[str]) -> str:
     return digest.hexdigest()
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
-    """Every QuantLayer of ``model`` by qualified name (split parts as ``name.parts.i``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
-
-
 def save_quant_params(
     model: nn.Module,
     config: QuantConfig,
@@ -310,7 +305,7 @@ def save_quant_params(
     for name, m in model.named_modules():
         if isinstance(m, SplitInputLayer):
             layers[name] = {"split": m.split, "parts": [_layer_state(p) for p in m.parts]}
-        elif isinstance(m, QuantLayer) and not name.split(".")[-2:-1] == ["parts"]:
+        elif isinstance(m, QuantLayer) and ".parts." not in f".{name}.":  # halves saved above
             layers[name] = {"split": None, "parts": [_layer_state(m)]}
     blob = {
         "format": PARAMS_FORMAT,
@@ -366,7 +361,7 @@ def load_quantized(
     for name, entry in layers.items():
         splits[name] = entry["split"]
         layer = model.get_submodule(name)
-        for i, (part, _) in enumerate(_parts(layer, entry["split"])):
+        for i, part in enumerate(_parts(layer, entry["split"])):
             key = name if entry["split"] is None else f"{name}.part{i}"
             st = entry["parts"][i]
             w = part.weight.detach().cpu()
