@@ -111,15 +111,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     start = args.start
     _set_threads(params)
     device = resolve_device(params["device"])
+    overrides = {"backend": args.backend} if args.backend else {}
+    if args.qparams:
+        from modiff.quant.api import read_quant_params
+
+        backend = overrides.get("backend") or read_quant_params(args.qparams)["config"]["backend"]
+        if backend == "native" and device.type != "cpu":
+            raise ValueError("backend 'native' runs on the CPU; use --backend simulated on CUDA")
     model = _load_model(preset, args.checkpoint, device)
     method, qconfig = "fp32", None
     if args.qparams:
         from modiff.quant.api import load_quantized
 
-        overrides = {"backend": args.backend} if args.backend else {}
         model, qconfig = load_quantized(model.cpu(), args.qparams, **overrides)
-        if qconfig.backend == "native" and device.type != "cpu":
-            raise SystemExit("backend 'native' runs on the CPU; use --backend simulated on CUDA")
         model = model.to(device)
         method = "qdiff" if qconfig.modulation == "none" else "modiff"
     t0 = time.perf_counter()

@@ -44,3 +44,19 @@ def load_images(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Inverse of :func:`save_images`."""
     with np.load(path, allow_pickle=False) as f:
         return f["images"], json.loads(str(f["meta"]))
+
+
+def load_tagged(path: str | Path, fmt: str, what: str, make_with: str) -> dict[str, Any]:
+    """Load a modiff tensor file (``torch.load`` with ``weights_only``) of format ``fmt``.
+
+    A missing file names the command that makes it; another format is a ValueError.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found; run `{make_with}`")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise ValueError(f"{path} is not a modiff {what} file ({fmt})")
+    return blob

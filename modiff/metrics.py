@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import threading
@@ -35,6 +34,7 @@ from modiff.classifier import (
     single_threaded,
 )
 from modiff.data import digits_images
+from modiff.fetch import file_digest
 
 PRESETS = ("digits", "cifar10")
 FEATURE_EXTRACTORS = {"digits": (FEATURE_EXTRACTOR_NAME,), "cifar10": ("inception-v3-compat",)}
@@ -144,15 +144,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return 10.0 * np.log10(255.0**2 / mse)
 
 
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file (keys cached reference statistics to the exact classifier weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inception_weights_cache_path() -> Path:
     """Where torch-fidelity downloads the Inception weights to ($TORCH_HOME/hub/checkpoints)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
@@ -220,7 +211,7 @@ def _digits_kwargs(
     kwargs = {
         "input2": UInt8ImageDataset(ref),
         # A new classifier changes the hash, so stale reference statistics are never reused.
-        "input2_cache_name": f"{reference}-full-{file_sha256(weights)[:16]}",
+        "input2_cache_name": f"{reference}-full-{file_digest(weights, 'sha256')[:16]}",
         "feature_extractor_weights_path": str(weights),
         # In-memory 8x8 images: DataLoader worker processes would cost more than they save.
         "save_cpu_ram": True,

@@ -15,7 +15,8 @@ import torch
 from modiff import metrics
 from modiff.classifier import load_classifier, single_threaded, train_classifier
 from modiff.data import digits_images, uint8_to_model_space
-from modiff.metrics import MetricsOfflineError, compute_fid, file_sha256, psnr
+from modiff.fetch import file_digest
+from modiff.metrics import MetricsOfflineError, compute_fid, psnr
 
 CLASSIFIER = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "digits_classifier.pt"
 DIGITS_CFG = {
@@ -111,7 +112,7 @@ def test_reference_cache_is_keyed_by_classifier_weights(
 ) -> None:
     cache = digits_results["cache"]
     names = [p.name for p in cache.iterdir()]
-    key = file_sha256(CLASSIFIER)[:16]
+    key = file_digest(CLASSIFIER, "sha256")[:16]
     assert names and all(key in n for n in names)
 
     # A different classifier must not reuse the cached reference statistics.

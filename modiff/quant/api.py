@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from modiff.io import atomic_output
+from modiff.io import atomic_output, load_tagged
 from modiff.quant.config import QuantConfig
 from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer
 from modiff.quant.quantizer import (
@@ -327,13 +327,7 @@ def _layer_state(m: QuantLayer) -> dict[str, Any]:
 
 
 def read_quant_params(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"quantization parameters {path} not found; run `modiff calibrate`")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != PARAMS_FORMAT:
-        raise ValueError(f"{path} is not a modiff quantization parameter file ({PARAMS_FORMAT})")
-    return blob
+    return load_tagged(path, PARAMS_FORMAT, "quantization parameters", "modiff calibrate")
 
 
 def load_quantized(

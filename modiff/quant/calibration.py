@@ -24,7 +24,7 @@ from modiff.diffusion import (
     initial_noise,
     timestep_sequence,
 )
-from modiff.io import atomic_output
+from modiff.io import atomic_output, load_tagged
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,10 @@ def save_calibration(data: dict[str, torch.Tensor], meta: dict[str, Any], dest: 
 
 def load_calibration(path: str | Path, expected: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Load a calibration file, refusing one whose metadata differs from ``expected``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration data {path} not found; run `modiff calib-data`")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CalibrationMismatch(f"{path} is not a modiff calibration file ({FORMAT})")
+    try:
+        blob = load_tagged(path, FORMAT, "calibration data", "modiff calib-data")
+    except ValueError as exc:
+        raise CalibrationMismatch(str(exc)) from None
     meta = blob["meta"]
     diffs = [
         f"{k}: file has {meta.get(k)!r}, expected {v!r}"
