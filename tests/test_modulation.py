@@ -145,3 +145,36 @@ def test_native_and_simulated_modulated_trajectories_agree(digits):
 
     diff = rms(out["native"] - out["simulated"])
     assert diff < 0.5 * rms(out["simulated"] - ref) and diff < 0.01
+
+
+def test_output_kept_by_the_caller_is_not_overwritten():
+    layer = _layer("compensated", "native", scale=0.05)
+    seq = _random_walk(4, 0.05)
+    outputs = [layer(x) for x in seq]  # all kept: the layer must not update them in place
+    fresh = _layer("compensated", "native", scale=0.05)
+    for x, kept in zip(seq, outputs, strict=True):
+        torch.testing.assert_close(kept, fresh(x).clone(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_compiled_fused_passes_equal_eager(monkeypatch, per_sample):
+    from modiff.quant import fused
+
+    monkeypatch.setenv("MODIFF_COMPILE", "1")
+    g = torch.Generator().manual_seed(0)
+    x, base = torch.randn(2, 2, 8, 5, 5, generator=g).unbind(0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    lo, hi = fused.residual_range(x, base, per_sample)
+    lo_ref, hi_ref = fused.residual_range_eager(x, base, per_sample)
+    torch.testing.assert_close((lo, hi), (lo_ref, hi_ref), rtol=0, atol=0)
+    shape = (-1, 1, 1, 1) if per_sample else ()
+    scale = (torch.maximum(-lo, hi) / 127).reshape(shape)
+    zero_point = torch.full_like(scale, 128.0)
+    a_hat, a_hat_ref = base.clone(), base.clone()
+    codes = fused.residual_codes_(x, a_hat, a_hat, scale, zero_point, 0, 255)
+    codes_ref = fused.residual_codes_eager(x, a_hat_ref, a_hat_ref, scale, zero_point, 0, 255)
+    assert not fused.residual_codes_.failed
+    assert codes.dtype == torch.uint8
+    torch.testing.assert_close(codes, codes_ref, rtol=0, atol=0)
+    torch.testing.assert_close(a_hat, a_hat_ref, rtol=1e-6, atol=1e-6)

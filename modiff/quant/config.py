@@ -58,6 +58,8 @@ class QuantConfig:
         _check_choice("modulation", self.modulation, MODULATIONS)
         if self.a_granularity == "per_sample" and self.a_scale != "dynamic":
             raise ValueError("a_granularity 'per_sample' needs a_scale 'dynamic'")
+        if self.a_granularity == "per_sample" and not self.a_symmetric:
+            raise ValueError("a_granularity 'per_sample' needs a_symmetric (one zero point)")
         mode, _, k = self.warmup.partition(":")
         if not (
             self.warmup in ("fp", "quantized") or (mode == "repeat" and k.isdigit() and int(k) > 0)

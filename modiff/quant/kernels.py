@@ -89,6 +89,27 @@ def conv2d(
     )
 
 
+def conv2d_accumulate_(
+    x_codes: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed_weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    accum: torch.Tensor,
+) -> None:
+    """``accum += conv(codes)`` in place, inside the kernel (oneDNN's sum post-op)."""
+    torch.ops.onednn.qconv2d_pointwise.binary(
+        x_codes, x_scale, x_zero_point, packed_weight, w_scale, w_zero_point, accum, None,
+        stride, padding, dilation, groups, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none",
+        [], "",
+    )  # fmt: skip
+
+
 def pack_linear_weight(w_int8: torch.Tensor) -> torch.Tensor:
     """Prepack int8 linear weights (O, I) once for :func:`linear`."""
     return torch.ops.onednn.qlinear_prepack(w_int8, None)
@@ -119,3 +140,19 @@ def linear(
         [],
         "",
     )
+
+
+def linear_accumulate_(
+    x_codes: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed_weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    accum: torch.Tensor,
+) -> None:
+    """``accum += linear(codes)`` in place (2-D ``accum``), inside the kernel."""
+    torch.ops.onednn.qlinear_pointwise.binary(
+        x_codes, x_scale, x_zero_point, packed_weight, w_scale, w_zero_point, accum, None, 1.0,
+        0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "",
+    )  # fmt: skip

@@ -8,13 +8,14 @@ for simulation) are built once, in the constructor.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modiff.quant import kernels
+from modiff.quant import fused, kernels
 from modiff.quant.config import QuantConfig
 from modiff.quant.quantizer import (
     act_grid,
@@ -85,13 +86,13 @@ class QuantLayer(nn.Module):
         """Scale and zero point for input ``x``: static, or computed from ``x`` now."""
         if self.act_scale is not None:
             return self.act_scale, self.act_zero_point
-        c = self.config
-        if c.a_granularity == "per_sample":
+        if self.config.a_granularity == "per_sample":
             dims = tuple(range(1, x.dim()))
-            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
-        else:
-            lo, hi = x.amin(), x.amax()
-        if c.a_symmetric:
+            return self._params_for_range(x.amin(dim=dims), x.amax(dim=dims))
+        return self._params_for_range(x.amin(), x.amax())
+
+    def _params_for_range(self, lo: torch.Tensor, hi: torch.Tensor):
+        if self.config.a_symmetric:
             scale = symmetric_scale(torch.maximum(-lo, hi), self.a_qmin, self.a_qmax)
             return scale, torch.full_like(scale, 128, dtype=torch.long)
         scale, zp = asymmetric_params(lo, hi, self.a_qmin, self.a_qmax)
@@ -102,36 +103,31 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.modulation != "none":
             return self._forward_modulated(x)
-        out, _ = self.quantized_op(x, self.bias)
-        return out
+        return self.quantized_op(x, self.bias)
 
-    def quantized_op(
-        self, x: torch.Tensor, bias: torch.Tensor | None, dequantized: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This layer applied to Q(x) (plus ``bias``); with ``dequantized``, also Q(x) in float."""
+    def quantized_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This layer applied to Q(x), plus ``bias``."""
         scale, zp = self.act_params(x)
         shape = (-1,) + (1,) * (x.dim() - 1)
         if self.config.backend == "simulated":
             xq = fake_quantize(x, scale.reshape(shape), zp.reshape(shape).float(), self.a_qmin,
                                self.a_qmax)  # fmt: skip
-            return self.float_op(xq, bias), xq
-        if x.device.type != "cpu":
-            raise RuntimeError("backend 'native' runs on the CPU; use 'simulated' on CUDA")
+            return self.float_op(xq, bias)
+        self._check_native(x)
         if scale.dim() == 0:
             codes = kernels.quantize_activation(x, float(scale), int(zp), self.a_qmin, self.a_qmax)
-            out = self._int_op(codes, float(scale), int(zp), bias)
-        else:
-            # One scale per sample: quantize each sample by its own scale, run the kernel with
-            # a unit input scale, rescale each sample's output, then add the bias once.
-            codes = kernels.quantize_activation(
-                x * (1.0 / scale.reshape(shape)), 1.0, 128, self.a_qmin, self.a_qmax
-            )
-            out = self._int_op(codes, 1.0, 128, None) * scale.reshape(shape)
-            if bias is not None:
-                out = out + bias.reshape((1, -1) + (1,) * (x.dim() - 2))
-        if not dequantized:
-            return out, None
-        return out, (codes.float() - zp.reshape(shape)) * scale.reshape(shape)
+            return self._int_op(codes, float(scale), int(zp), bias)
+        # One scale per sample: quantize each sample by its own scale, run the kernel with a
+        # unit input scale, rescale each sample's output, then add the bias once.
+        codes = kernels.quantize_activation(
+            x * (1.0 / scale.reshape(shape)), 1.0, 128, self.a_qmin, self.a_qmax
+        )
+        out = self._int_op(codes, 1.0, 128, None) * scale.reshape(shape)
+        return out if bias is None else out + self._bias_view(bias, x)
+
+    def _check_native(self, x: torch.Tensor) -> None:
+        if x.device.type != "cpu":
+            raise RuntimeError("backend 'native' runs on the CPU; use 'simulated' on CUDA")
 
     def float_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer in float with the dequantised weights (simulation and MoDiff's warm-up)."""
@@ -159,7 +155,7 @@ class QuantLayer(nn.Module):
     def reset_cache(self) -> None:
         """Forget the trajectory: the next call is a warm-up step."""
         self.a_hat = None  # input accumulator (reconstructed input)
-        self.o_hat = None  # output cache, bias excluded
+        self.o_hat = None  # output cache: the layer applied to a_hat, bias included once
         self.a_prev = None  # true previous input (uncompensated mode only)
 
     def _forward_modulated(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,27 +164,57 @@ class QuantLayer(nn.Module):
         else:
             self._check_cache(x)
             self._modulated_step(x)
-        return self.o_hat if self.bias is None else self.o_hat + self._bias_view(x)
+        # Handed out as is; the next step updates it in place only if nobody kept it.
+        return self.o_hat
 
     def _warm_up(self, x: torch.Tensor) -> None:
         mode, _, repeats = self.config.warmup.partition(":")
-        if mode == "fp":  # full precision: a_hat = a_T exactly, o_hat = A(a_T)
-            self.a_hat, self.o_hat = x.clone(), self.float_op(x, None)
-        else:  # quantized (once) or repeat:k (a_T fed k times) from empty caches
+        if mode == "fp":  # full precision: a_hat = a_T exactly, o_hat = A(a_T) + b
+            self.a_hat = x.clone()
+        else:  # quantized (once) or repeat:k (a_T fed k times), from empty caches
             self.a_hat = torch.zeros_like(x)
-            self.o_hat = None
+        self.o_hat = self.float_op(self.a_hat, self.bias)
+        if self.is_conv and self.config.backend == "native":  # the kernels' accumulator layout
+            self.o_hat = self.o_hat.contiguous(memory_format=torch.channels_last)
+        if mode != "fp":
             for _ in range(int(repeats) if mode == "repeat" else 1):
                 self._modulated_step(x)
         self.a_prev = x.clone() if self.config.modulation == "uncompensated" else None
 
     def _modulated_step(self, x: torch.Tensor) -> None:
-        compensated = self.config.modulation == "compensated" or self.a_prev is None
-        residual = x - (self.a_hat if compensated else self.a_prev)
-        out, dq = self.quantized_op(residual, None, dequantized=True)
-        self.a_hat = self.a_hat + dq
-        self.o_hat = out if self.o_hat is None else self.o_hat + out
+        """d = Q(x - base); a_hat += d; o_hat += A(d). base is a_hat (MoDiff) or a_prev."""
+        per_sample = self.config.a_granularity == "per_sample"
+        base = self.a_prev if self.a_prev is not None else self.a_hat
+        if self.act_scale is not None:
+            scale, zp = self.act_scale, self.act_zero_point
+        else:
+            scale, zp = self._params_for_range(*fused.residual_range(x, base, per_sample))
+        shape = (-1,) + (1,) * (x.dim() - 1) if per_sample else ()
+        scale_b, zp_b = scale.reshape(shape), zp.reshape(shape).to(x.dtype)
+        codes = fused.residual_codes_(x, base, self.a_hat, scale_b, zp_b, self.a_qmin, self.a_qmax)
         if self.config.modulation == "uncompensated":
             self.a_prev = x.clone()
+        if self.config.backend == "simulated":
+            dq = (codes.to(x.dtype) - zp_b) * scale_b
+            self.o_hat = self.o_hat + self.float_op(dq, None)
+            return
+        self._check_native(x)
+        if not _sole_owner(self.o_hat):  # the caller kept last step's output: leave it intact
+            self.o_hat = self.o_hat.clone()
+        if per_sample:  # unit input scale, then each sample's output times its scale
+            self.o_hat.add_(self._int_op(codes, 1.0, 128, None) * scale_b)
+        elif self.is_conv:
+            kernels.conv2d_accumulate_(
+                codes, float(scale), int(zp), self._packed, self.weight_scale, self._w_zero_point,
+                self.stride, self.padding, self.dilation, self.groups, self.o_hat,
+            )  # fmt: skip
+        else:
+            lead = codes.shape[:-1]
+            kernels.linear_accumulate_(
+                codes.reshape(-1, codes.shape[-1]), float(scale), int(zp), self._packed,
+                self.weight_scale, self._w_zero_point, self.o_hat.view(-1, self.o_hat.shape[-1]),
+            )  # fmt: skip
+            assert self.o_hat.shape[:-1] == lead
 
     def _check_cache(self, x: torch.Tensor) -> None:
         a = self.a_hat
@@ -199,8 +225,8 @@ class QuantLayer(nn.Module):
                 "modiff.quant.reset_caches(model) before a new batch of trajectories"
             )
 
-    def _bias_view(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.reshape((1, -1) + (1,) * (x.dim() - 2)) if self.is_conv else self.bias
+    def _bias_view(self, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return bias.reshape((1, -1) + (1,) * (x.dim() - 2)) if self.is_conv else bias
 
     def cache_bytes(self) -> int:
         """Memory held by this layer's modulation caches."""
@@ -212,6 +238,15 @@ class QuantLayer(nn.Module):
         kind = "conv" if self.is_conv else "linear"
         mod = "" if c.modulation == "none" else f", modulation {c.modulation}"
         return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {c.backend}{mod}"
+
+
+def _sole_owner(t: torch.Tensor) -> bool:
+    """Whether no other tensor or name holds ``t``'s memory (safe to update in place).
+
+    Counts Python references to the tensor (the attribute and this call's argument) and
+    tensors sharing its storage (the tensor itself and the temporary storage handle).
+    """
+    return sys.getrefcount(t) <= 3 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
 
 
 class SplitInputLayer(nn.Module):
