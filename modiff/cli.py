@@ -7,6 +7,7 @@ inputs and outputs are arguments. Everything is validated before any work starts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -101,14 +102,23 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     """Sample images with DDIM; saves uint8 images (N, H, W, C) and metadata as .npz."""
+    from modiff.config import shard_range
     from modiff.diffusion import sample_images
     from modiff.io import save_images
     from modiff.runtime import resolve_device
 
     params, preset = _settings(args)
     s = preset["sampling"]
-    n = args.n or s["n_samples"]
-    start = args.start
+    if args.shard is not None:
+        if args.n or args.start:
+            raise ValueError("--shard picks the images itself; drop --n/--start")
+        indices = shard_range(s, args.shard)
+    else:
+        indices = range(args.start, args.start + (args.n or s["n_samples"]))
+    if (args.variant != "fp32") != bool(args.qparams):
+        raise ValueError(
+            "a quantized --variant needs --qparams (from `modiff calibrate`), fp32 none"
+        )
     _set_threads(params)
     device = resolve_device(params["device"])
     overrides = {"backend": args.backend} if args.backend else {}
@@ -126,11 +136,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         model, qconfig = load_quantized(model.cpu(), args.qparams, **overrides)
         model = model.to(device)
         method = "qdiff" if qconfig.modulation == "none" else "modiff"
+    log.info("sampling %s: images %d..%d", args.variant, indices.start, indices.stop)
     t0 = time.perf_counter()
     images = sample_images(
         model,
         preset,
-        indices=range(start, start + n),
+        indices=indices,
         batch_size=s["batch_size"],
         steps=s["steps"],
         skip_type=s["skip_type"],
@@ -139,18 +150,43 @@ def cmd_sample(args: argparse.Namespace) -> None:
         device=device,
     )
     meta = {
+        "variant": args.variant,
         "preset": preset["name"],
         "method": method,
         "quant": None if qconfig is None else qconfig.to_dict(),
-        "indices": [start, start + n],
+        "indices": [indices.start, indices.stop],
         "seed": params["seed"],
-        "sampling": s,
+        "sampling": {k: v for k, v in s.items() if k != "shards"},
         "device": str(device),
         "threads": params["threads"],
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if args.shard is not None:
+        meta["shard"] = [args.shard, s["shards"]]
     save_images(args.out, images, **meta)
     log.info("wrote %d images to %s in %.1f s", len(images), args.out, meta["seconds"])
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Merge sample shards (whole batches each) into one samples file."""
+    from modiff.io import save_images
+    from modiff.results import merge_shards
+
+    images, meta = merge_shards(args.shards)
+    save_images(args.out, images, **meta)
+    log.info("merged %d shards, %d images -> %s", len(args.shards), len(images), args.out)
+
+
+def cmd_damage(args: argparse.Namespace) -> None:
+    """Add Gaussian noise to samples (the check that the metrics can see damage)."""
+    from modiff.io import load_images, save_images
+    from modiff.results import add_noise
+
+    images, meta = load_images(args.samples)
+    meta.update(
+        variant=f"{meta.get('variant', 'fp32')}-noise{args.sigma:g}", noise_sigma=args.sigma
+    )
+    save_images(args.out, add_noise(images, args.sigma, args.seed), **meta)
 
 
 def cmd_calib_data(args: argparse.Namespace) -> None:
@@ -192,10 +228,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     params, preset = _settings(args)
     _set_threads(params)
-    config = QuantConfig(
-        w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend,
-        a_granularity=args.a_granularity, modulation=args.modulation, warmup=args.warmup,
-    )  # fmt: skip
+    if args.variant:
+        from modiff.config import find_variant
+
+        config = QuantConfig.from_variant(find_variant(params, args.variant), params["quant"])
+    else:
+        config = QuantConfig(
+            w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend,
+            a_granularity=args.a_granularity, modulation=args.modulation, warmup=args.warmup,
+        )  # fmt: skip
     meta = _calibration_meta(params, preset, args.checkpoint)
     calibration = load_calibration(args.calib, meta) if config.a_scale == "static" else None
     model = _load_model(preset, args.checkpoint, "cpu")
@@ -223,9 +264,23 @@ def cmd_fid(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         device="cuda" if params["device"] == "cuda" else "cpu",
     )
+    result["variant"] = meta.get("variant", Path(args.samples).stem)
     result["samples"] = str(args.samples)
+    if args.reference_samples:
+        from modiff.metrics import psnr
+        from modiff.results import psnr_summary
+
+        reference, ref_meta = load_images(args.reference_samples)
+        if ref_meta.get("indices") != meta.get("indices") or ref_meta["seed"] != meta["seed"]:
+            raise ValueError(
+                f"{args.reference_samples} holds other images (indices/seed) than {args.samples}: "
+                "PSNR compares samples from the same x_T"
+            )
+        result.update(psnr_summary(psnr(images, reference)))
     result["steps"] = meta.get("sampling", {}).get("steps")
     result["method"] = meta.get("method")
+    if "noise_sigma" in meta:
+        result["noise_sigma"] = meta["noise_sigma"]
     quant = meta.get("quant") or {}
     result["backend"] = quant.get("backend", "fp32")
     result.update({k: quant[k] for k in ("w_bits", "a_bits", "a_scale") if k in quant})
@@ -271,12 +326,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
         cases.append(BenchCase("cifar10", cifar, "random (timing only)"))
     rows = []
     for case in cases:
-        log.info("timing %s (%s weights) at batch %s", case.name, case.weights, b["batch_sizes"])
-        rows += time_variants(case, bench_variants(b["variants"]), settings)
+        if case.name == "cifar10":
+            variants, case_settings = bench_variants(b["variants"]), settings
+        else:  # the grid's variants on the preset model, at the largest batch size
+            variants = grid_variants(params)
+            case_settings = dataclasses.replace(settings, batch_sizes=[max(b["batch_sizes"])])
+        log.info("timing %s (%s weights) at batch %s: %s", case.name, case.weights,
+                 case_settings.batch_sizes, ", ".join(variants))  # fmt: skip
+        rows += time_variants(case, variants, case_settings)
     print(format_table(rows))
     _write_metrics(
         {"environment": environment(), "settings": vars(settings), "rows": rows}, args.out
     )
+
+
+def grid_variants(params: dict[str, Any]) -> dict[str, Any]:
+    """Benchmark variants for params.yaml's variant grid, by the grid's names."""
+    from modiff.bench import QuantizedVariant
+    from modiff.quant import QuantConfig
+
+    return {
+        v["name"]: QuantizedVariant(QuantConfig.from_variant(v, params["quant"]))
+        for v in params["variants"]
+    }
 
 
 def bench_variants(names: list[str]) -> dict[str, Any]:
@@ -302,12 +374,28 @@ def bench_variants(names: list[str]) -> dict[str, Any]:
     return variants
 
 
+def cmd_gather(args: argparse.Namespace) -> None:
+    """results/metrics.json (one record per variant) and the FID-against-bits plot."""
+    from modiff.io import write_json
+    from modiff.results import gather, plot_fid_vs_bits
+
+    records = gather(args.metrics, args.bench)
+    write_json(records, args.out)
+    if args.plot_data:  # DVC's plots read this
+        keys = ("variant", "method", "a_scale", "w_bits", "a_bits", "fid")
+        write_json([{k: r[k] for k in keys} for r in records], args.plot_data)
+    if args.plot:
+        plot_fid_vs_bits(records, args.plot)
+    log.info("gathered %d variants into %s", len(records), args.out)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     """Write results/report.md from the metrics, benchmark and grids."""
     from modiff.report import write_report
 
     params, preset = _settings(args)
-    write_report(params, preset, args.metrics, args.bench, args.grids, args.out)
+    write_report(params, preset, args.records, args.plot, args.damage, args.bench, args.grids,
+                 args.out)  # fmt: skip
 
 
 # --- wiring --------------------------------------------------------------------------------------
@@ -360,7 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, help="number of images (default: sampling.n_samples)")
     p.add_argument("--start", type=_non_negative_int, default=0, help="index of the first image")
     p.add_argument("--qparams", help="quantization parameters (modiff calibrate); default FP32")
+    p.add_argument("--variant", default="fp32", help="the variant's name, recorded with the images")
     p.add_argument("--backend", choices=["native", "simulated"], help="override the file's")
+    p.add_argument("--shard", type=_non_negative_int, help="sample shard I of sampling.shards")
+
+    p = add("merge", cmd_merge, settings=False)
+    p.add_argument("--shards", nargs="+", required=True, help="shard .npz files")
+    p.add_argument("--out", required=True, help=".npz to write")
+
+    p = add("damage", cmd_damage, settings=False)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--sigma", type=float, required=True, help="noise std on the [-1, 1] scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=".npz to write")
 
     p = add("calib-data", cmd_calib_data)
     p.add_argument("--out", required=True, help="calibration tensors to write")
@@ -370,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, help="calibration data (modiff calib-data)")
     p.add_argument("--out", required=True, help="quantization parameters to write")
     p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
+    p.add_argument("--variant", help="an entry of params.yaml's variants (else the flags below)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--a-scale", choices=["static", "dynamic"], default="static")
@@ -385,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True)
     p.add_argument("--out", help="metrics JSON to write")
     p.add_argument("--cache-dir", default="data/fid_cache", help="reference statistics cache")
+    p.add_argument("--reference-samples", help="FP32 samples from the same x_T: adds PSNR")
 
     p = add("grid", cmd_grid, settings=False)
     p.add_argument("--samples", required=True)
@@ -396,8 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench)
     p.add_argument("--out", help="JSON to write")
 
+    p = add("gather", cmd_gather, settings=False)
+    p.add_argument("--metrics", nargs="+", required=True, help="per-variant metrics JSON files")
+    p.add_argument("--bench", required=True, help="benchmark JSON")
+    p.add_argument("--out", required=True, help="results/metrics.json to write")
+    p.add_argument("--plot", help="FID-against-bits PNG to write")
+    p.add_argument("--plot-data", help="the plot's data as JSON (for `dvc plots`)")
+
     p = add("report", cmd_report)
-    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files")
+    p.add_argument("--records", required=True, help="results/metrics.json (modiff gather)")
+    p.add_argument("--plot", required=True, help="FID-against-bits PNG")
+    p.add_argument("--damage", nargs="*", default=[], help="metrics JSON of noised FP32 samples")
     p.add_argument("--bench", required=True, help="benchmark JSON")
     p.add_argument("--grids", nargs="*", default=[], help="sample grid PNGs")
     p.add_argument("--out", required=True)

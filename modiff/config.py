@@ -74,7 +74,48 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
             )
         if preset["model"]["in_channels"] != preset["data"]["channels"]:
             problems.append(f"presets.{name}.model.in_channels must equal data.channels")
+        batches = -(-s["n_samples"] // s["batch_size"])
+        if s["shards"] > batches:
+            problems.append(
+                f"presets.{name}.sampling.shards ({s['shards']}) must not exceed the number of "
+                f"batches ({batches}): a shard is made of whole batches"
+            )
+    names = [v["name"] for v in params["variants"]]
+    for v in params["variants"]:
+        expected = variant_name(v)
+        if v["name"] != expected:
+            problems.append(f"variants: '{v['name']}' must be named '{expected}' (its settings)")
+    if len(set(names)) != len(names):
+        problems.append("variants: names must be unique")
     return problems
+
+
+def variant_name(v: dict[str, Any]) -> str:
+    """<method>-<a_scale>-w<bits>a<bits>: a variant's name, from its settings."""
+    return f"{v['method']}-{v['a_scale']}-w{v['w_bits']}a{v['a_bits']}"
+
+
+def find_variant(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The entry of ``variants`` called ``name``."""
+    for v in params["variants"]:
+        if v["name"] == name:
+            return v
+    known = ", ".join(v["name"] for v in params["variants"]) or "none"
+    raise ConfigError(f"unknown variant '{name}'; params.yaml's variants: {known}")
+
+
+def shard_range(sampling: dict[str, Any], shard: int) -> range:
+    """Image indices of sampling shard ``shard``: whole, globally fixed batches.
+
+    A dynamic per-tensor scale depends on which images share a batch, so shards split the
+    batch sequence, never a batch: merged shards equal one unsharded run bit for bit.
+    """
+    n, bs, shards = sampling["n_samples"], sampling["batch_size"], sampling["shards"]
+    if not 0 <= shard < shards:
+        raise ConfigError(f"shard {shard} out of range: sampling.shards is {shards}")
+    batches = -(-n // bs)
+    first, last = batches * shard // shards, batches * (shard + 1) // shards
+    return range(first * bs, min(last * bs, n))
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -10,67 +10,153 @@ from typing import Any
 from modiff.bench import format_table
 from modiff.io import atomic_output
 
+METHODS = {"qdiff": "Q-Diffusion", "modiff": "Q-Diffusion + MoDiff"}
+
 
 def _rel(path: str | Path, start: Path) -> str:
     return os.path.relpath(Path(path), start)
 
 
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[str]:
+    """Rows: method and scale type; columns: W/A bits (the paper's Table 1 shape)."""
+    quantized = [r for r in records if r["method"] != "fp32"]
+    columns = sorted({(r["w_bits"], r["a_bits"]) for r in quantized}, key=lambda b: (-b[0], -b[1]))
+    rows = sorted({(r["method"], r["a_scale"]) for r in quantized})
+    header = "| method | " + " | ".join(f"W{w}A{a}" for w, a in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns)]
+    fp32 = next((r for r in records if r["method"] == "fp32"), None)
+    if fp32 and fp32.get(key) is not None:
+        padding = " |" * (len(columns) - 1)
+        lines.append(f"| FP32 | {_fmt(fp32[key], digits)} (all columns) |{padding}")
+    for method, scale in rows:
+        cells = []
+        for w, a in columns:
+            hit = [r for r in quantized if (r["method"], r["a_scale"], r["w_bits"], r["a_bits"])
+                   == (method, scale, w, a)]  # fmt: skip
+            cells.append(_fmt(hit[0][key], digits) if hit else "")
+        lines.append(f"| {METHODS[method]}, {scale} scales | " + " | ".join(cells) + " |")
+    return lines
+
+
+def variant_table(records: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| variant | backend | N | steps | FID | KID | PSNR vs FP32 (dB, median) | ms/step "
+        "| x FP32 | cache MB/img |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['variant']} | {r['backend']} | {r['n_samples']} | {r['steps']} "
+            f"| {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | {_fmt(r['psnr_vs_fp32'], 1)} "
+            f"| {_fmt(r['step_ms'], 2)} | {_fmt(r['speedup_vs_fp32'], 2)} "
+            f"| {_fmt(r['cache_mb_per_image'], 2)} |"
+        )
+    return lines
+
+
 def write_report(
     params: dict[str, Any],
     preset: dict[str, Any],
-    metrics_files: list[str],
+    records_file: str,
+    plot_file: str,
+    damage_files: list[str],
     bench_file: str,
     grid_files: list[str],
     out: str | Path,
 ) -> None:
-    """Render the settings, metrics, benchmark and sample grids as Markdown."""
+    """Render settings, the paper-shaped tables, speed, plots and sample grids as Markdown."""
     out = Path(out)
+    records = json.loads(Path(records_file).read_text())
     bench = json.loads(Path(bench_file).read_text())
-    metrics = [json.loads(Path(f).read_text()) | {"file": f} for f in metrics_files]
+    damage = [json.loads(Path(f).read_text()) for f in damage_files]
     env = bench["environment"]
-    s = preset["sampling"]
-    ck = preset["checkpoint"]
+    s, ck, fid = preset["sampling"], preset["checkpoint"], preset["fid"]
+    digest = ("md5", ck["md5"]) if "md5" in ck else ("sha256", ck["sha256"])
+    n = sorted({r["n_samples"] for r in records})
+    q = params["quant"]
     lines = [
         f"# modiff report: preset `{preset['name']}`",
         "",
         "## Settings and environment",
         "",
-        f"- checkpoint: `{ck['source']}` ({'md5' if 'md5' in ck else 'sha256'} "
-        f"`{ck.get('md5') or ck.get('sha256')}`)",
+        f"- checkpoint: `{ck['source']}` ({digest[0]} `{digest[1]}`)",
         f"- sampler: DDIM, {s['steps']} {s['skip_type']} steps, eta {s['eta']}, "
-        f"batch {s['batch_size']}, seed {params['seed']}",
+        f"batch {s['batch_size']}, seed {params['seed']}, {s['shards']} shards",
+        f"- quantization: backend `{q['backend']}`, dynamic scales {q['dynamic_granularity']}, "
+        f"MoDiff warm-up `{q['warmup']}`; Q-Diffusion calibration "
+        f"({preset['calibration']['cali_st']} steps x {preset['calibration']['cali_n']} "
+        "trajectories)",
         f"- torch {env['torch']}, CPU {env['cpu']}, {params['threads']} threads, "
         f"device {params['device']}, quantized engine {env['quantized_engine']}",
+        f"- FID: N = {', '.join(map(str, n))} samples against `{fid['reference']}` with "
+        f"`{fid['feature_extractor']}` features. FID at small N is biased upwards: compare only "
+        "figures with equal N and the same reference set; none of these are comparable to "
+        "50,000-sample figures such as the paper's.",
         "",
-        "## Quality",
+        "## Quality (the paper's table shape)",
         "",
-        "| variant | N | steps | FID | KID | reference |",
-        "|---|---|---|---|---|---|",
+        f"FID (lower is better), N = {', '.join(map(str, n))}:",
+        "",
+        *paper_table(records, "fid", 3),
+        "",
+        "KID:",
+        "",
+        *paper_table(records, "kid", 5),
+        "",
+        "PSNR against the FP32 sample from the same x_T (dB, median over images):",
+        "",
+        *paper_table(records, "psnr_vs_fp32", 1),
+        "",
+        f"![FID against activation bits]({_rel(plot_file, out.parent)})",
+        "",
+        "### Every variant",
+        "",
+        f"Speed is per DDIM step on the preset model at batch {_bench_batch(records)}, "
+        "against FP32 timed in the same run.",
+        "",
+        *variant_table(records),
+        "",
     ]
-    for m in metrics:
-        name = Path(m["file"]).stem
-        lines.append(
-            f"| {name} | {m['n_samples']} | {m.get('steps')} | {m['fid']:.3f} | "
-            f"{m['kid']:.5f} | {m['reference']} ({m['feature_extractor']}) |"
-        )
-    lines += [
-        "",
-        "FID at small N is biased upwards: compare only figures with equal N and the same "
-        "reference set; none of these are comparable to 50k-sample figures.",
-        "",
-    ]
-    for m in metrics:
-        if "class_histogram" in m:
-            lines.append(
-                f"Class histogram of `{Path(m['file']).stem}` by the digits classifier "
-                f"(0..9): {m['class_histogram']}"
-            )
-    lines += ["", "## Speed (per DDIM step)", "", format_table(bench["rows"]), ""]
-    lines += ["## Samples", ""]
+    if damage:
+        fp32 = next(r for r in records if r["method"] == "fp32")
+        lines += [
+            "### Can the metrics see damage?",
+            "",
+            "FP32 samples with Gaussian noise added (sigma on the [-1, 1] scale):",
+            "",
+            "| samples | FID | KID | PSNR vs FP32 (dB) |",
+            "|---|---|---|---|",
+            f"| FP32 | {fp32['fid']:.3f} | {fp32['kid']:.5f} | - |",
+        ]
+        for d in damage:
+            lines.append(f"| FP32 + noise sigma {d['noise_sigma']:g} | {d['fid']:.3f} "
+                         f"| {d['kid']:.5f} | {_fmt(d.get('psnr_vs_fp32'), 1)} |")  # fmt: skip
+        lines.append("")
+    cifar = [r for r in bench["rows"] if r["model"] == "cifar10"]
+    if cifar:
+        lines += [
+            "## Speed on the CIFAR-10 UNet (timing only: random weights)",
+            "",
+            "Per DDIM step, median of paired repetitions; x FP32 is the median ratio against FP32 "
+            "in the same repetition; memory is measured in a fresh process.",
+            "",
+            format_table(cifar),
+            "",
+        ]
+    lines += ["## Samples", "", "Same x_T per image index in every variant.", ""]
     for g in grid_files:
-        lines.append(f"![{Path(g).stem}]({_rel(g, out.parent)})")
-    lines += ["", "## Raw data", ""]
-    for f in [*metrics_files, bench_file]:
+        lines += [f"**{Path(g).stem}**", "", f"![{Path(g).stem}]({_rel(g, out.parent)})", ""]
+    lines += ["## Raw data", ""]
+    for f in [records_file, *damage_files, bench_file]:
         lines.append(f"- [{f}]({_rel(f, out.parent)})")
     with atomic_output(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def _bench_batch(records: list[dict[str, Any]]) -> str:
+    batches = {r["bench_batch"] for r in records if r.get("bench_batch")}
+    return ", ".join(map(str, sorted(batches))) or "-"

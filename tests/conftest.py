@@ -1,3 +1,6 @@
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -5,6 +8,29 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
+# Unit tests run the fused MoDiff passes eagerly (compiling costs seconds per test process);
+# tests/test_modulation.py checks the compiled ones against them, the pipeline test runs them.
+os.environ.setdefault("MODIFF_COMPILE", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slurm: runs the pipeline on a real one-node SLURM cluster")
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files as git sees them (tracked and untracked, not ignored) under ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
 
 
 @pytest.fixture(autouse=True)

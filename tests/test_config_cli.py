@@ -23,7 +23,8 @@ def test_default_params_are_valid():
     cifar = preset_config(params, "cifar10")
     assert cifar["checkpoint"]["md5"] == "1fa350b952534ae442b1d5235cce5cd3"
     assert cifar["sampling"] == {
-        "steps": 100, "skip_type": "quad", "eta": 0.0, "batch_size": 64, "n_samples": 50000
+        "steps": 100, "skip_type": "quad", "eta": 0.0, "batch_size": 64, "n_samples": 50000,
+        "shards": 50,
     }  # fmt: skip
     assert cifar["fid"]["feature_extractor"] == "inception-v3-compat"
 
@@ -38,6 +39,18 @@ def test_default_params_are_valid():
         ("presets.digits.model.ch=48", "presets.digits.model.ch"),
         ("threads=two", "threads: 'two' is not of type 'integer'"),
         ("device=tpu", "device: 'tpu' is not one of"),
+        ("presets.digits.sampling.shards=9", r"shards \(9\) must not exceed the number of batches"),
+        ("quant.backend=gpu", "quant.backend: 'gpu' is not one of"),
+        (
+            'variants=[{"name": "x", "method": "qdiff", "a_scale": "static", "w_bits": 8, '
+            '"a_bits": 8}]',
+            "variants.0.name: 'x' does not match",
+        ),
+        (
+            'variants=[{"name": "qdiff-static-w8a4", "method": "qdiff", "a_scale": "static", '
+            '"w_bits": 8, "a_bits": 8}]',
+            "must be named 'qdiff-static-w8a8'",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(params_file, override, message):
@@ -71,7 +84,8 @@ def test_cli_lists_every_stage_with_help(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = capsys.readouterr().out
-    for command in ("fetch", "train", "sample", "fid", "grid", "bench", "report"):
+    for command in ("fetch", "train", "calib-data", "calibrate", "sample", "merge", "damage",
+                    "fid", "grid", "bench", "gather", "report"):  # fmt: skip
         assert command in text
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([command, "--help"])
@@ -113,3 +127,17 @@ def test_cifar10_fetch_offline_is_a_clear_error(params_file, tmp_path, capsys, m
     assert code == 2
     assert "cifar10.ckpt" in err and "by hand" in err
     assert not (tmp_path / "data/checkpoints/cifar10.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "n, batch, shards", [(1000, 250, 2), (1000, 250, 3), (45, 10, 4), (7, 7, 1)]
+)
+def test_shards_are_whole_batches_tiling_the_images(n, batch, shards):
+    from modiff.config import shard_range
+
+    sampling = {"n_samples": n, "batch_size": batch, "shards": shards}
+    ranges = [shard_range(sampling, i) for i in range(shards)]
+    assert [i for r in ranges for i in r] == list(range(n))
+    assert all(r.start % batch == 0 and len(r) > 0 for r in ranges)
+    with pytest.raises(ConfigError, match="out of range"):
+        shard_range(sampling, shards)

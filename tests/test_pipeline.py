@@ -1,5 +1,7 @@
 """End-to-end: the Snakemake pipeline on a smoke-sized config, in a copy of the project."""
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -8,46 +10,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import copy_project
 
 from modiff.io import load_images
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+SMOKE_VARIANTS = [
+    {"name": "qdiff-static-w8a8", "method": "qdiff", "a_scale": "static", "w_bits": 8, "a_bits": 8},
+    {"name": "modiff-dynamic-w8a4", "method": "modiff", "a_scale": "dynamic", "w_bits": 8,
+     "a_bits": 4},
+]  # fmt: skip
+RECORD_FIELDS = {"variant", "method", "a_scale", "w_bits", "a_bits", "backend", "n_samples",
+                 "steps", "fid", "kid", "psnr_vs_fp32", "step_ms", "speedup_vs_fp32"}  # fmt: skip
 
 
 def smoke_params(path: Path) -> None:
+    """A smoke-sized params.yaml: two variants, 40 images in 2 shards of 2 batches, 10 steps."""
     params = yaml.safe_load(path.read_text())
+    params["variants"] = SMOKE_VARIANTS
     params["bench"].update(batch_sizes=[2], repetitions=2, steps=3, cifar10=False)
-    sampling = params["presets"]["digits"]["sampling"]
-    sampling.update(n_samples=40, batch_size=20, steps=10)
+    params["presets"]["digits"]["sampling"].update(n_samples=40, batch_size=10, steps=10, shards=2)
     params["presets"]["digits"]["calibration"].update(cali_st=5, cali_n=16)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("project")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
+    dest = copy_project(tmp_path_factory.mktemp("project"))
     smoke_params(dest / "params.yaml")
     return dest
 
 
-def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "XDG_CACHE_HOME": str(project / ".cache")}
+def run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    # PYTHONPATH: the copy runs its own modiff, not the editable install of the working tree.
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "XDG_CACHE_HOME": str(project / ".cache"),
+           "PYTHONPATH": str(project)}  # fmt: skip
     return subprocess.run(
-        [str(BIN / "snakemake"), "--cores", "2", *args],
+        [str(BIN / args[0]), *args[1:]],
         cwd=project,
         env=env,
         capture_output=True,
@@ -56,16 +57,59 @@ def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(project, "snakemake", "--cores", "2", *args)
+
+
 def test_pipeline_runs_end_to_end_and_reruns_nothing(project):
-    run = snakemake(project, "results/report.md")
-    assert run.returncode == 0, run.stderr[-3000:]
+    result = snakemake(project, "results/report.md")
+    assert result.returncode == 0, result.stderr[-3000:]
     images, meta = load_images(project / "results/samples/fp32.npz")
     assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8
-    assert meta["sampling"]["steps"] == 10
+    assert meta["sampling"]["steps"] == 10 and meta["shards"] == 2
+
+    records = json.loads((project / "results/metrics.json").read_text())
+    assert [r["variant"] for r in records] == ["fp32", "qdiff-static-w8a8", "modiff-dynamic-w8a4"]
+    for r in records:
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        assert r["n_samples"] == 40 and r["steps"] == 10 and r["fid"] > 0
+        assert r["step_ms"] > 0 and r["speedup_vs_fp32"] > 0
+    assert records[0]["psnr_vs_fp32"] is None and records[1]["psnr_vs_fp32"] > 20
+    assert records[2]["method"] == "modiff" and records[2]["a_scale"] == "dynamic"
+
     report = (project / "results/report.md").read_text()
-    assert "fp32" in report and "FID" in report
-    assert (project / "results/grids/fp32.png").stat().st_size > 0
+    assert "Q-Diffusion + MoDiff, dynamic scales" in report and "W8A4" in report
+    assert "Can the metrics see damage?" in report
+    for png in ["plots/fid_vs_abits.png", "grids/fp32.png", "grids/modiff-dynamic-w8a4.png"]:
+        assert (project / "results" / png).stat().st_size > 0
 
     again = snakemake(project, "results/report.md")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_merged_shards_equal_one_unsharded_run(project):
+    name = "modiff-dynamic-w8a4"  # per-tensor dynamic scales: batch composition matters
+    merged, _ = load_images(project / f"results/samples/{name}.npz")
+    whole = run(project, "modiff", "sample", "--variant", name, "--qparams",
+                f"data/quant/{name}.pt", "--out", "whole.npz")  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    unsharded, _ = load_images(project / "whole.npz")
+    np.testing.assert_array_equal(merged, unsharded)
+
+
+def test_an_interrupted_run_resumes_with_the_missing_shard_only(project):
+    # A run killed while sampling FP32: one shard finished, the other and all after it not.
+    kept = project / "results/samples/fp32/shard-0.npz"
+    lost = project / "results/samples/fp32/shard-1.npz"
+    mtime = kept.stat().st_mtime_ns
+    for later in ["samples/fp32/shard-1.npz", "samples/fp32.npz", "metrics", "metrics.json",
+                  "report.md", "grids/fp32.png"]:  # fmt: skip
+        path = project / "results" / later
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    plan = snakemake(project, "-n", "results/report.md")
+    assert re.search(r"^sample_shard\s+1$", plan.stdout, re.M), plan.stdout
+    assert "calibrate" not in plan.stdout
+    result = snakemake(project, "results/report.md")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert lost.is_file() and kept.stat().st_mtime_ns == mtime

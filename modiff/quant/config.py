@@ -81,6 +81,20 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_variant(cls, variant: dict[str, Any], quant: dict[str, Any]) -> QuantConfig:
+        """The config of a params.yaml ``variants`` entry, built as params' ``quant`` says."""
+        dynamic = variant["a_scale"] == "dynamic"
+        return cls(
+            w_bits=variant["w_bits"],
+            a_bits=variant["a_bits"],
+            a_scale=variant["a_scale"],
+            backend=quant["backend"],
+            a_granularity=quant["dynamic_granularity"] if dynamic else "per_tensor",
+            modulation="compensated" if variant["method"] == "modiff" else "none",
+            warmup=quant["warmup"],
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known

@@ -1,29 +1,63 @@
+def reference_samples(wildcards):
+    """FP32 samples from the same x_T, for PSNR (not for FP32 itself)."""
+    return [] if wildcards.name == "fp32" else ["results/samples/fp32.npz"]
+
+
 rule fid:
-    """FID/KID of a variant's samples against the preset's reference set."""
+    """FID/KID against the preset's reference set, and PSNR against FP32 from the same x_T."""
     input:
-        samples="results/samples/{variant}.npz",
-        code=[PKG[k] for k in ("cli", "metrics", "classifier", "io")],
+        samples="results/samples/{name}.npz",
+        reference=reference_samples,
+        code=code("cli", "metrics", "classifier", "io", "results"),
     output:
-        "results/metrics/{variant}.json",
+        "results/metrics/{name}.json",
     params:
         settings=settings("preset", "device", *preset_keys("fid")),
+        reference=lambda wildcards, input: (
+            f"--reference-samples {input.reference[0]}" if input.reference else ""
+        ),
+    threads: config["threads"]
     log:
-        "results/logs/fid_{variant}.log",
+        "results/logs/fid_{name}.log",
     benchmark:
-        "results/benchmarks/fid_{variant}.tsv"
+        "results/benchmarks/fid_{name}.tsv"
     shell:
-        "modiff fid {params.settings} --samples {input.samples} --out {output}"
+        "modiff fid {params.settings} --samples {input.samples} {params.reference} --out {output}"
         " --cache-dir data/fid_cache > {log} 2>&1"
 
 
 rule grid:
-    """A picture of the first 100 samples of a variant."""
+    """A picture of the first 100 samples (the same x_T in every variant)."""
     input:
-        samples="results/samples/{variant}.npz",
-        code=[PKG[k] for k in ("cli", "plots", "io")],
+        samples="results/samples/{name}.npz",
+        code=code("cli", "plots", "io"),
     output:
-        report("results/grids/{variant}.png", category="Sample grids", caption="../report/grid.rst"),
+        report("results/grids/{name}.png", category="Sample grids", caption="../report/grid.rst",
+               labels={"variant": "{name}"}),
     log:
-        "results/logs/grid_{variant}.log",
+        "results/logs/grid_{name}.log",
+    benchmark:
+        "results/benchmarks/grid_{name}.tsv"
     shell:
         "modiff grid --samples {input.samples} --out {output} > {log} 2>&1"
+
+
+rule bench:
+    """Per-step latency and memory: the grid on the preset model, FP32/INT8/MoDiff on CIFAR-10's UNet."""
+    input:
+        code=code("cli", "models", "diffusion", "runtime", "bench", "quant"),
+        ckpt=rules.fetch_checkpoint.output[0],
+    output:
+        "results/bench.json",
+    params:
+        settings=settings(
+            "preset", "threads", "bench", "variants", "quant",
+            *preset_keys("model", "data", "diffusion", "checkpoint"),
+        ),
+    threads: config["threads"]
+    log:
+        "results/logs/bench.log",
+    benchmark:
+        "results/benchmarks/bench.tsv"
+    shell:
+        "modiff bench {params.settings} --out {output} > {log} 2>&1"

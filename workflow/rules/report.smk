@@ -1,34 +1,43 @@
-rule bench:
-    """Per-step latency and memory (preset model and the CIFAR-10 UNet), ratios vs FP32."""
+rule gather:
+    """results/metrics.json (a record per variant) and the FID-against-bits plot."""
     input:
-        code=[PKG[k] for k in ("cli", "models", "diffusion", "runtime")] + ["modiff/bench.py"],
-        ckpt=rules.fetch_checkpoint.output[0],
+        metrics=expand("results/metrics/{name}.json", name=ALL_VARIANTS),
+        bench=rules.bench.output[0],
+        code=code("cli", "results", "io"),
     output:
-        "results/bench.json",
-    params:
-        settings=settings(
-            "preset", "threads", "bench", *preset_keys("model", "data", "diffusion", "checkpoint")
-        ),
-    threads: config["threads"]
+        metrics="results/metrics.json",
+        plot=report("results/plots/fid_vs_abits.png", category="Plots",
+                    caption="../report/fid_vs_abits.rst"),
+        plot_data="results/plots/fid_vs_abits.json",
     log:
-        "results/logs/bench.log",
+        "results/logs/gather.log",
+    benchmark:
+        "results/benchmarks/gather.tsv"
     shell:
-        "modiff bench {params.settings} --out {output} > {log} 2>&1"
+        "modiff gather --metrics {input.metrics} --bench {input.bench} --out {output.metrics}"
+        " --plot {output.plot} --plot-data {output.plot_data} > {log} 2>&1"
 
 
 rule report:
-    """results/report.md: settings, metrics, speed and sample grids."""
+    """results/report.md: settings, the paper-shaped table, speed, plots and sample grids."""
     input:
-        metrics=["results/metrics/fp32.json"],
-        bench="results/bench.json",
-        grids=["results/grids/fp32.png"],
-        code=[PKG["cli"], "modiff/report.py"],
+        records=rules.gather.output.metrics,
+        plot=rules.gather.output.plot,
+        damage=expand("results/metrics/{name}.json", name=DAMAGED),
+        bench=rules.bench.output[0],
+        grids=expand("results/grids/{name}.png", name=ALL_VARIANTS),
+        code=code("cli", "report", "bench"),
     output:
         "results/report.md",
     params:
-        settings=settings("preset", "seed", "threads", "device", *preset_keys("checkpoint", "sampling")),
+        settings=settings(
+            "preset", "seed", "threads", "device", "quant", *preset_keys("checkpoint", "sampling", "fid")
+        ),
     log:
         "results/logs/report.log",
+    benchmark:
+        "results/benchmarks/report.tsv"
     shell:
-        "modiff report {params.settings} --metrics {input.metrics} --bench {input.bench}"
-        " --grids {input.grids} --out {output} > {log} 2>&1"
+        "modiff report {params.settings} --records {input.records} --plot {input.plot}"
+        " --damage {input.damage} --bench {input.bench} --grids {input.grids} --out {output}"
+        " > {log} 2>&1"

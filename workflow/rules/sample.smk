@@ -1,18 +1,58 @@
-rule sample_fp32:
-    """FP32 DDIM samples of the preset (uint8 images in one .npz)."""
+def qparams(wildcards):
+    return [] if wildcards.variant == "fp32" else [f"data/quant/{wildcards.variant}.pt"]
+
+
+rule sample_shard:
+    """One shard (whole batches) of a variant's DDIM samples; shards are separate jobs."""
     input:
         ckpt=rules.fetch_checkpoint.output[0],
-        code=[PKG[k] for k in ("cli", "diffusion", "models", "checkpoint", "io", "runtime")],
+        qparams=qparams,
+        code=code("cli", "config", "diffusion", "models", "checkpoint", "io", "runtime", "quant"),
     output:
-        "results/samples/fp32.npz",
+        "results/samples/{variant}/shard-{shard}.npz",
     params:
         settings=settings(
             "preset", "seed", "threads", "device", *preset_keys("model", "data", "diffusion", "sampling")
         ),
+        qparams=lambda wildcards, input: f"--qparams {input.qparams[0]}" if input.qparams else "",
     threads: config["threads"]
     log:
-        "results/logs/sample_fp32.log",
+        "results/logs/sample_{variant}_shard-{shard}.log",
     benchmark:
-        "results/benchmarks/sample_fp32.tsv"
+        "results/benchmarks/sample_{variant}_shard-{shard}.tsv"
     shell:
-        "modiff sample {params.settings} --checkpoint {input.ckpt} --out {output} > {log} 2>&1"
+        "modiff sample {params.settings} --variant {wildcards.variant} {params.qparams}"
+        " --shard {wildcards.shard} --out {output} > {log} 2>&1"
+
+
+rule merge_samples:
+    """All shards of a variant in one .npz (bit-identical to one unsharded run)."""
+    input:
+        shards=expand("results/samples/{{variant}}/shard-{shard}.npz", shard=SHARDS),
+        code=code("cli", "results", "io"),
+    output:
+        "results/samples/{variant}.npz",
+    log:
+        "results/logs/merge_{variant}.log",
+    benchmark:
+        "results/benchmarks/merge_{variant}.tsv"
+    shell:
+        "modiff merge --shards {input.shards} --out {output} > {log} 2>&1"
+
+
+rule damage:
+    """FP32 samples plus Gaussian noise: the metrics must score them clearly worse."""
+    input:
+        samples="results/samples/fp32.npz",
+        code=code("cli", "results", "io"),
+    output:
+        "results/samples/fp32-noise{sigma}.npz",
+    params:
+        seed=config["seed"],
+    log:
+        "results/logs/damage_{sigma}.log",
+    benchmark:
+        "results/benchmarks/damage_{sigma}.tsv"
+    shell:
+        "modiff damage --samples {input.samples} --sigma {wildcards.sigma} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"

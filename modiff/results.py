@@ -1,0 +1,118 @@
+"""Pipeline results: merging sample shards, the damage check, results/metrics.json and its plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modiff.io import atomic_output, load_images
+
+# Metadata that may differ between the shards of one variant.
+_PER_SHARD = ("indices", "seconds", "shard")
+
+
+def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Concatenate sample shards in index order; they must tile 0..N and share settings."""
+    loaded = sorted((load_images(p) + (str(p),) for p in paths), key=lambda t: t[1]["indices"][0])
+    expected_start = 0
+    first_meta = loaded[0][1]
+    for images, meta, path in loaded:
+        start, stop = meta["indices"]
+        if start != expected_start or len(images) != stop - start:
+            raise ValueError(
+                f"{path} holds images {start}..{stop}, expected to start at {expected_start}: "
+                "shards must tile the index range (was a shard made with other sampling settings?)"
+            )
+        other = {k: v for k, v in meta.items() if k not in _PER_SHARD}
+        if other != {k: v for k, v in first_meta.items() if k not in _PER_SHARD}:
+            raise ValueError(f"{path} was sampled with other settings than {loaded[0][2]}")
+        expected_start = stop
+    meta = {k: v for k, v in first_meta.items() if k not in _PER_SHARD}
+    meta["indices"] = [0, expected_start]
+    meta["shards"] = len(loaded)
+    meta["seconds"] = round(sum(m["seconds"] for _, m, _ in loaded), 2)
+    return np.concatenate([images for images, _, _ in loaded]), meta
+
+
+def add_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """uint8 images plus Gaussian noise of std ``sigma`` on the [-1, 1] scale, re-quantized."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(images).float() / 127.5 - 1.0
+    x = x + sigma * torch.randn(x.shape, generator=g)
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def psnr_summary(values: np.ndarray) -> dict[str, float | None]:
+    """Median and mean of per-image PSNR (dB); identical images (inf) count as 100 dB."""
+    capped = np.minimum(values, 100.0)
+    return {"psnr_vs_fp32": round(float(np.median(capped)), 3),
+            "psnr_vs_fp32_mean": round(float(np.mean(capped)), 3)}  # fmt: skip
+
+
+def variant_record(metrics: dict[str, Any], bench_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record of results/metrics.json: quality from ``metrics``, speed from the benchmark."""
+    name = metrics["variant"]
+    quantized = name != "fp32"
+    timed = [r for r in bench_rows if r["model"] != "cifar10" and r["variant"] == name]
+    speed = max(timed, key=lambda r: r["batch"]) if timed else {}
+    return {
+        "variant": name,
+        "method": metrics["method"],
+        "a_scale": metrics.get("a_scale") if quantized else None,
+        "w_bits": metrics.get("w_bits", 32),
+        "a_bits": metrics.get("a_bits", 32),
+        "backend": metrics["backend"],
+        "n_samples": metrics["n_samples"],
+        "steps": metrics["steps"],
+        "fid": metrics["fid"],
+        "kid": metrics["kid"],
+        "psnr_vs_fp32": metrics.get("psnr_vs_fp32"),
+        "step_ms": speed.get("step_ms"),
+        "speedup_vs_fp32": speed.get("speedup_vs_fp32"),
+        "bench_batch": speed.get("batch"),
+        "cache_mb_per_image": speed.get("cache_mb_per_image"),
+    }
+
+
+def gather(metric_files: list[str | Path], bench_file: str | Path) -> list[dict[str, Any]]:
+    """All variants' records: FP32 first, then in the order given."""
+    rows = json.loads(Path(bench_file).read_text())["rows"]
+    records = [variant_record(json.loads(Path(f).read_text()), rows) for f in metric_files]
+    return sorted(records, key=lambda r: r["variant"] != "fp32")
+
+
+def plot_fid_vs_bits(records: list[dict[str, Any]], dest: str | Path) -> None:
+    """FID against activation bits, one line per method and scale type (8-bit weights)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r["method"] != "fp32" and r["w_bits"] == 8:
+            lines.setdefault(f"{r['method']} ({r['a_scale']})", []).append((r["a_bits"], r["fid"]))
+    for label, points in sorted(lines.items()):
+        bits, fids = zip(*sorted(points), strict=True)
+        ax.plot(bits, fids, marker="o", label=label)
+    fp32 = [r["fid"] for r in records if r["method"] == "fp32"]
+    if fp32:
+        ax.axhline(fp32[0], color="black", linestyle="--", linewidth=1, label="FP32")
+    n = {r["n_samples"] for r in records}
+    ax.set(xlabel="activation bits (weights 8-bit)", ylabel="FID (lower is better)",
+           title=f"FID vs activation bits (N = {', '.join(map(str, sorted(n)))})")  # fmt: skip
+    all_fids = [f for pts in lines.values() for _, f in pts] + fp32
+    if all_fids and max(all_fids) > 10 * min(all_fids):
+        ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
