@@ -374,18 +374,26 @@ def bench_variants(names: list[str]) -> dict[str, Any]:
     return variants
 
 
+def _variant_files(params: dict[str, Any], folder: str, suffix: str) -> list[str]:
+    """``folder/<name><suffix>`` for FP32 and every variant of the grid."""
+    return [
+        f"{folder}/{name}{suffix}" for name in ["fp32", *(v["name"] for v in params["variants"])]
+    ]
+
+
 def cmd_gather(args: argparse.Namespace) -> None:
-    """results/metrics.json (one record per variant) and the FID-against-bits plot."""
+    """results/metrics.json (one record per variant), its summary and the FID-against-bits plot."""
     from modiff.io import write_json
     from modiff.results import gather, plot_fid_vs_bits
 
-    records = gather(args.metrics, args.bench)
+    params, _ = _settings(args)
+    records = gather(_variant_files(params, args.metrics_dir, ".json"), args.bench)
     write_json(records, args.out)
-    if args.plot_data:  # DVC's plots read this
-        keys = ("variant", "method", "a_scale", "w_bits", "a_bits", "fid")
-        write_json([{k: r[k] for k in keys} for r in records], args.plot_data)
-    if args.plot:
-        plot_fid_vs_bits(records, args.plot)
+    keys = ("fid", "kid", "psnr_vs_fp32", "step_ms", "speedup_vs_fp32")
+    write_json({r["variant"]: {k: r[k] for k in keys} for r in records}, args.summary)
+    keys = ("variant", "method", "a_scale", "w_bits", "a_bits", "fid")
+    write_json([{k: r[k] for k in keys} for r in records], args.plot_data)
+    plot_fid_vs_bits(records, args.plot)
     log.info("gathered %d variants into %s", len(records), args.out)
 
 
@@ -394,8 +402,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     from modiff.report import write_report
 
     params, preset = _settings(args)
-    write_report(params, preset, args.records, args.plot, args.damage, args.bench, args.grids,
-                 args.out)  # fmt: skip
+    damage = [f"{args.metrics_dir}/fp32-noise{s:g}.json" for s in params["damage_check"]["sigmas"]]
+    grids = _variant_files(params, args.grids_dir, ".png")
+    write_report(params, preset, args.records, args.plot, damage, args.bench, grids, args.out)
 
 
 # --- wiring --------------------------------------------------------------------------------------
@@ -498,19 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench)
     p.add_argument("--out", help="JSON to write")
 
-    p = add("gather", cmd_gather, settings=False)
-    p.add_argument("--metrics", nargs="+", required=True, help="per-variant metrics JSON files")
+    p = add("gather", cmd_gather)
+    p.add_argument("--metrics-dir", default="results/metrics", help="per-variant metrics JSON")
     p.add_argument("--bench", required=True, help="benchmark JSON")
     p.add_argument("--out", required=True, help="results/metrics.json to write")
-    p.add_argument("--plot", help="FID-against-bits PNG to write")
-    p.add_argument("--plot-data", help="the plot's data as JSON (for `dvc plots`)")
+    p.add_argument("--summary", required=True, help="metrics keyed by variant (for `dvc metrics`)")
+    p.add_argument("--plot", required=True, help="FID-against-bits PNG to write")
+    p.add_argument("--plot-data", required=True, help="the plot's data (for `dvc plots`)")
 
     p = add("report", cmd_report)
     p.add_argument("--records", required=True, help="results/metrics.json (modiff gather)")
     p.add_argument("--plot", required=True, help="FID-against-bits PNG")
-    p.add_argument("--damage", nargs="*", default=[], help="metrics JSON of noised FP32 samples")
+    p.add_argument("--metrics-dir", default="results/metrics", help="per-variant metrics JSON")
+    p.add_argument("--grids-dir", default="results/grids", help="sample grid PNGs")
     p.add_argument("--bench", required=True, help="benchmark JSON")
-    p.add_argument("--grids", nargs="*", default=[], help="sample grid PNGs")
     p.add_argument("--out", required=True)
     return parser
 

@@ -6,16 +6,19 @@ rule gather:
         code=code("cli", "results", "io"),
     output:
         metrics="results/metrics.json",
+        summary="results/summary.json",
         plot=report("results/plots/fid_vs_abits.png", category="Plots",
                     caption="../report/fid_vs_abits.rst"),
         plot_data="results/plots/fid_vs_abits.json",
+    params:
+        settings=settings("variants"),
     log:
         "results/logs/gather.log",
     benchmark:
         "results/benchmarks/gather.tsv"
     shell:
-        "modiff gather --metrics {input.metrics} --bench {input.bench} --out {output.metrics}"
-        " --plot {output.plot} --plot-data {output.plot_data} > {log} 2>&1"
+        "modiff gather {params.settings} --bench {input.bench} --out {output.metrics}"
+        " --summary {output.summary} --plot {output.plot} --plot-data {output.plot_data} > {log} 2>&1"
 
 
 rule report:
@@ -31,7 +34,8 @@ rule report:
         "results/report.md",
     params:
         settings=settings(
-            "preset", "seed", "threads", "device", "quant", *preset_keys("checkpoint", "sampling", "fid")
+            "preset", "seed", "threads", "device", "quant", "variants", "damage_check",
+            *preset_keys("checkpoint", "sampling", "calibration", "fid"),
         ),
     log:
         "results/logs/report.log",
@@ -39,5 +43,4 @@ rule report:
         "results/benchmarks/report.tsv"
     shell:
         "modiff report {params.settings} --records {input.records} --plot {input.plot}"
-        " --damage {input.damage} --bench {input.bench} --grids {input.grids} --out {output}"
-        " > {log} 2>&1"
+        " --bench {input.bench} --out {output} > {log} 2>&1"
