@@ -182,11 +182,11 @@ def cmd_damage(args: argparse.Namespace) -> None:
     from modiff.io import load_images, save_images
     from modiff.results import add_noise
 
+    params, _ = _settings(args)
     images, meta = load_images(args.samples)
-    meta.update(
-        variant=f"{meta.get('variant', 'fp32')}-noise{args.sigma:g}", noise_sigma=args.sigma
-    )
-    save_images(args.out, add_noise(images, args.sigma, args.seed), **meta)
+    variant = f"{meta.get('variant', 'fp32')}-noise{args.sigma:g}"
+    meta.update(variant=variant, noise_sigma=args.sigma)
+    save_images(args.out, add_noise(images, args.sigma, params["seed"]), **meta)
 
 
 def cmd_calib_data(args: argparse.Namespace) -> None:
@@ -465,10 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", nargs="+", required=True, help="shard .npz files")
     p.add_argument("--out", required=True, help=".npz to write")
 
-    p = add("damage", cmd_damage, settings=False)
+    p = add("damage", cmd_damage)
     p.add_argument("--samples", required=True)
     p.add_argument("--sigma", type=float, required=True, help="noise std on the [-1, 1] scale")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help=".npz to write")
 
     p = add("calib-data", cmd_calib_data)

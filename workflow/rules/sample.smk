@@ -48,11 +48,11 @@ rule damage:
     output:
         "results/samples/fp32-noise{sigma}.npz",
     params:
-        seed=config["seed"],
+        settings=settings("seed"),
     log:
         "results/logs/damage_{sigma}.log",
     benchmark:
         "results/benchmarks/damage_{sigma}.tsv"
     shell:
-        "modiff damage --samples {input.samples} --sigma {wildcards.sigma} --seed {params.seed}"
+        "modiff damage {params.settings} --samples {input.samples} --sigma {wildcards.sigma}"
         " --out {output} > {log} 2>&1"
