@@ -11,6 +11,15 @@ validate(config, "modiff/params.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    variant="fp32|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8]",
+    shard=r"\d+",
+    sigma=r"[0-9.e-]+",
+    name=r"fp32(-noise[0-9.e-]+)?|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8]",
+
+
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/sample.smk"

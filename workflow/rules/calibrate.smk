@@ -11,6 +11,8 @@ rule calib_data:
             *preset_keys("model", "data", "diffusion", "checkpoint", "sampling", "calibration"),
         ),
     threads: config["threads"]
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/calib_data.log",
     benchmark:
@@ -34,6 +36,8 @@ rule calibrate:
         ),
         variant=variant_settings,
     threads: config["threads"]
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/calibrate_{variant}.log",
     benchmark:

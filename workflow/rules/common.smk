@@ -10,13 +10,7 @@ ALL_VARIANTS = ["fp32", *VARIANTS]
 SHARDS = range(SAMPLING["shards"])
 DAMAGED = [f"fp32-noise{sigma:g}" for sigma in config["damage_check"]["sigmas"]]
 
-wildcard_constraints:
-    variant="fp32|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8]",
-    shard=r"\d+",
-    sigma=r"[0-9.e-]+",
-    name=r"fp32(-noise[0-9.e-]+)?|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8]",
-
-# Package files a rule runs are inputs: code changes rerun exactly the affected stages.
+# Package files run by a job are its inputs, so code changes rerun exactly the affected stages.
 PKG = {
     name: f"modiff/{name}.py"
     for name in ("cli", "config", "fetch", "checkpoint", "diffusion", "io", "metrics", "classifier",
@@ -37,7 +31,7 @@ def lookup(key):
 def settings(*keys):
     """`-S key=<json>` for each dotted key: the rule's settings, passed explicitly to `modiff`.
 
-    The same string is the rule's `params:` entry, so changing any of these values reruns it.
+    The same string is the params entry of the job, so changing any of these values reruns it.
     """
     return " ".join(f"-S {shlex.quote(k + '=' + json.dumps(lookup(k)))}" for k in keys)
 
@@ -57,3 +51,13 @@ def code(*names):
     for name in names:
         files += PKG[name] if isinstance(PKG[name], list) else [PKG[name]]
     return files
+
+
+def qparams(wildcards):
+    """A quantized variant's parameters file (none for FP32)."""
+    return [] if wildcards.variant == "fp32" else [f"data/quant/{wildcards.variant}.pt"]
+
+
+def reference_samples(wildcards):
+    """FP32 samples from the same x_T, for PSNR (not for FP32 itself)."""
+    return [] if wildcards.name == "fp32" else ["results/samples/fp32.npz"]

@@ -1,8 +1,3 @@
-def reference_samples(wildcards):
-    """FP32 samples from the same x_T, for PSNR (not for FP32 itself)."""
-    return [] if wildcards.name == "fp32" else ["results/samples/fp32.npz"]
-
-
 rule fid:
     """FID/KID against the preset's reference set, and PSNR against FP32 from the same x_T."""
     input:
@@ -17,6 +12,8 @@ rule fid:
             f"--reference-samples {input.reference[0]}" if input.reference else ""
         ),
     threads: config["threads"]
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/fid_{name}.log",
     benchmark:
@@ -34,6 +31,8 @@ rule grid:
     output:
         report("results/grids/{name}.png", category="Sample grids", caption="../report/grid.rst",
                labels={"variant": "{name}"}),
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/grid_{name}.log",
     benchmark:
@@ -55,6 +54,8 @@ rule bench:
             *preset_keys("model", "data", "diffusion", "checkpoint"),
         ),
     threads: config["threads"]
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/bench.log",
     benchmark:

@@ -7,6 +7,8 @@ rule fetch_checkpoint:
         f"data/checkpoints/{PRESET}.ckpt",
     params:
         settings=settings("preset", *preset_keys("checkpoint")),
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/fetch_checkpoint.log",
     benchmark:

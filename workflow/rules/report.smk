@@ -12,6 +12,8 @@ rule gather:
         plot_data="results/plots/fid_vs_abits.json",
     params:
         settings=settings("variants"),
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/gather.log",
     benchmark:
@@ -37,6 +39,8 @@ rule report:
             "preset", "seed", "threads", "device", "quant", "variants", "damage_check",
             *preset_keys("checkpoint", "sampling", "calibration", "fid"),
         ),
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/report.log",
     benchmark:

@@ -1,7 +1,3 @@
-def qparams(wildcards):
-    return [] if wildcards.variant == "fp32" else [f"data/quant/{wildcards.variant}.pt"]
-
-
 rule sample_shard:
     """One shard (whole batches) of a variant's DDIM samples; shards are separate jobs."""
     input:
@@ -16,6 +12,8 @@ rule sample_shard:
         ),
         qparams=lambda wildcards, input: f"--qparams {input.qparams[0]}" if input.qparams else "",
     threads: config["threads"]
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/sample_{variant}_shard-{shard}.log",
     benchmark:
@@ -32,6 +30,8 @@ rule merge_samples:
         code=code("cli", "results", "io"),
     output:
         "results/samples/{variant}.npz",
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/merge_{variant}.log",
     benchmark:
@@ -49,6 +49,8 @@ rule damage:
         "results/samples/fp32-noise{sigma}.npz",
     params:
         settings=settings("seed"),
+    conda:
+        "../envs/modiff.yaml"
     log:
         "results/logs/damage_{sigma}.log",
     benchmark:
