@@ -178,3 +178,22 @@ def test_compiled_fused_passes_equal_eager(monkeypatch, per_sample):
     assert codes.dtype == torch.uint8
     torch.testing.assert_close(codes, codes_ref, rtol=0, atol=0)
     torch.testing.assert_close(a_hat, a_hat_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_many_layouts_and_bit_widths_stay_compiled(monkeypatch):
+    from modiff.quant import fused
+
+    monkeypatch.setenv("MODIFF_COMPILE", "1")
+    g = torch.Generator().manual_seed(1)
+    shapes = [(2, 4, 6, 6), (2, 8, 3, 3), (3, 5), (2, 1, 8, 8), (2, 16, 1, 1)]
+    for shape in shapes:
+        for channels_last in (False, True):
+            for qmax in (255, 135):  # 8 and 4 bits
+                x = torch.randn(shape, generator=g)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                a_hat = torch.zeros_like(x)
+                one = torch.tensor(0.05)
+                fused.residual_codes_(x, a_hat, a_hat, one, torch.tensor(128.0), 255 - qmax, qmax)
+    assert not fused.residual_codes_.failed

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 log = logging.getLogger(__name__)
+RECOMPILE_LIMIT = 64
 
 
 def residual_codes_eager(
@@ -64,6 +65,10 @@ class _Fused:
         if self.failed or not compile_enabled():
             return self.eager(*args)
         if self.compiled is None:
+            # One graph per input layout (channels-last, sliced, 2-D, ...) and bit-width: a
+            # UNet has a few dozen; the default limit of 8 would silently fall back to eager.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
             self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
         try:
             return self.compiled(*args)
