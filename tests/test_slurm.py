@@ -27,7 +27,7 @@ TIMEOUT_S = 900
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 RULE = re.compile(r"^(?:local)?rule (\w+):", re.MULTILINE)
 # Outputs (and their logs) that the fid failure and its fix may touch; all others must not change.
-FID_AND_DOWNSTREAM = ("results/metrics/", "fid_", "report")
+FID_AND_DOWNSTREAM = ("results/metrics", "fid_", "summary.json", "plots/", "gather", "report")
 
 
 def unavailable(reason: str) -> None:
@@ -202,12 +202,14 @@ def test_failed_slurm_job_fails_the_run_and_only_it_reruns(runs: Runs):
     assert failed.returncode != 0, failed.log[-3000:]
     assert "Error in rule fid" in failed.log, failed.log[-3000:]
     assert set(RULE.findall(failed.log)) == {"fid"}
-    [jobid] = SUBMITTED.findall(failed.log)
-    assert list((project / ".snakemake" / "slurm_logs").rglob(f"rule_fid/**/{jobid}.log"))
+    jobids = SUBMITTED.findall(failed.log)
+    assert len(jobids) == len(list((project / "results/metrics").glob("*.json")))
+    for jobid in jobids:
+        assert list((project / ".snakemake" / "slurm_logs").rglob(f"rule_fid/**/{jobid}.log"))
     assert "absent.pt" in (project / "results/logs/fid_fp32.log").read_text()
 
     fixed = snakemake(project, *runs.slurm_args, "results/report.md", env=runs.env)
     assert fixed.returncode == 0, fixed.log[-3000:]
-    assert sorted(RULE.findall(fixed.log)) == ["fid", "report"]
+    assert set(RULE.findall(fixed.log)) == {"fid", "gather", "report"}
     assert (project / "results/metrics/fp32.json").read_text() == metrics
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
