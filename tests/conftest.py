@@ -13,10 +13,6 @@ REFERENCE = ROOT.parent / "shared" / "reference"
 os.environ.setdefault("MODIFF_COMPILE", "0")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slurm: runs the pipeline on a real one-node SLURM cluster")
-
-
 def copy_project(dest: Path) -> Path:
     """The project's files as git sees them (tracked and untracked, not ignored) under ``dest``."""
     files = subprocess.run(
