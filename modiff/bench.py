@@ -117,6 +117,8 @@ def time_variants(
 ) -> list[dict[str, Any]]:
     """Paired per-step latency of each variant at each batch size; 'fp32' must be among them."""
     torch.set_num_threads(settings.threads)
+    # Compiled graphs of earlier cases (other shapes, bit-widths) would only add guard checks.
+    torch._dynamo.reset()
     fp32_best = _pick_fp32_layout(case, settings)
     variants = {"fp32": fp32_best, **{k: v for k, v in variants.items() if k != "fp32"}}
     models = {name: build(_build(case)) for name, build in variants.items()}
