@@ -119,10 +119,13 @@ def test_dvc_repro_push_pull_and_snakemake_after_checkout(project, tmp_path):
     tool(project, "dvc", "checkout", "--force")
     assert "up to date" in tool(project, "dvc", "status").stdout
 
-    # Push to a local remote, lose cache and outputs, pull them back bit for bit.
+    # Snakemake takes over the outputs (its first run here records what it made), DVC records
+    # them, a push/pull round trip rewrites them: neither tool redoes anything afterwards.
+    tool(project, "snakemake", "--cores", "2", "results/report.md")
+    tool(project, "dvc", "commit", "--force")
     tool(project, "dvc", "remote", "modify", "--local", "storage", "url", str(tmp_path / "remote"))
     outputs = sorted(p for p in (project / "results").rglob("*.npz")) + sorted(
-        (project / "data" / "quant").glob("*.pt")
+        (project / "data").glob("*/*.p*")
     )
     digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in outputs}
     tool(project, "dvc", "push")
@@ -131,7 +134,6 @@ def test_dvc_repro_push_pull_and_snakemake_after_checkout(project, tmp_path):
     tool(project, "rm", "-rf", ".dvc/cache")
     tool(project, "dvc", "pull")
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in outputs} == digests
-
-    # The files DVC rewrote (new mtimes, same content) are not redone by Snakemake.
     plan = tool(project, "snakemake", "-n", "--cores", "2", "results/report.md")
     assert "Nothing to be done" in plan.stdout, plan.stdout[-3000:]
+    assert "up to date" in tool(project, "dvc", "status").stdout
