@@ -31,7 +31,7 @@ full-table: setup   # the paper's whole table on the digits preset (about an hou
 test: setup
 	$(BIN)/ruff check modiff tests
 	$(BIN)/ruff format --check modiff tests
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=12
 
 lint: setup
 	$(BIN)/ruff check modiff tests

@@ -115,6 +115,7 @@ def test_dvc_repro_push_pull_and_snakemake_after_checkout(project, tmp_path):
     # A changed setting shows in `dvc params diff` and reruns only what depends on it.
     tool(project, "dvc", "exp", "run", "-S", "damage_check.sigmas=[0.2]")
     assert "damage_check.sigmas" in tool(project, "dvc", "params", "diff").stdout
+    assert "fp32-noise0.2" in tool(project, "dvc", "metrics", "diff").stdout
     tool(project, "git", "checkout", "--", "params.yaml")
     tool(project, "dvc", "checkout", "--force")
     assert "up to date" in tool(project, "dvc", "status").stdout
