@@ -194,6 +194,7 @@ def test_failed_slurm_job_fails_the_run_and_only_it_reruns(runs: Runs):
     }
     assert any("samples" in str(p) for p in kept) and any("bench" in str(p) for p in kept)
 
+    fid_jobs = len(list((project / "results/metrics").glob("*.json")))
     # A setting only fid reads: its params change (so it reruns) and the job fails on the node.
     broken = "presets={digits: {fid: {classifier: data/pretrained/absent.pt}}}"
     failed = snakemake(
@@ -203,7 +204,7 @@ def test_failed_slurm_job_fails_the_run_and_only_it_reruns(runs: Runs):
     assert "Error in rule fid" in failed.log, failed.log[-3000:]
     assert set(RULE.findall(failed.log)) == {"fid"}
     jobids = SUBMITTED.findall(failed.log)
-    assert len(jobids) == len(list((project / "results/metrics").glob("*.json")))
+    assert len(jobids) == fid_jobs
     for jobid in jobids:
         assert list((project / ".snakemake" / "slurm_logs").rglob(f"rule_fid/**/{jobid}.log"))
     assert "absent.pt" in (project / "results/logs/fid_fp32.log").read_text()
