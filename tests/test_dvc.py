@@ -112,12 +112,20 @@ def test_dvc_repro_push_pull_and_snakemake_after_checkout(project, tmp_path):
     tool(project, "git", "add", "-A")
     tool(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock")
 
-    # A changed setting shows in `dvc params diff` and reruns only what depends on it.
+    # An experiment with one setting changed reruns only what depends on it.
     exp = tool(project, "dvc", "exp", "run", "-S", "bench.repetitions=1").stdout
     assert "Running stage 'bench'" in exp and "Running stage 'sample" not in exp
+    assert "bench.repetitions" in tool(project, "dvc", "exp", "show", "--csv").stdout
+    tool(project, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    tool(project, "dvc", "checkout", "--force")
+    # The same change by hand: `dvc params diff` and `dvc metrics diff` against HEAD.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["bench"]["repetitions"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "bench.repetitions" in tool(project, "dvc", "params", "diff").stdout
+    tool(project, "dvc", "repro")
     assert "summary.json" in tool(project, "dvc", "metrics", "diff").stdout
-    tool(project, "git", "checkout", "--", "params.yaml")
+    tool(project, "git", "checkout", "--", "params.yaml", "dvc.lock")
     tool(project, "dvc", "checkout", "--force")
     assert "up to date" in tool(project, "dvc", "status").stdout
 
