@@ -411,9 +411,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def _set_threads(params: dict[str, Any]) -> None:
-    from modiff.runtime import set_threads
+    """Process settings of every torch command: thread count and allocator reuse."""
+    from modiff.runtime import keep_freed_memory, set_threads
 
     set_threads(params["threads"])
+    keep_freed_memory()
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:

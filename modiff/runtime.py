@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -18,6 +21,25 @@ def setup_logging(verbose: bool = False) -> None:
 def set_threads(threads: int) -> None:
     """Fix intra-op threads: float sums (and so samples) are bit-exact only at equal threads."""
     torch.set_num_threads(threads)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks for reuse instead of returning them to the OS at once.
+
+    A diffusion step frees and re-allocates the same large activations a hundred times; by
+    default glibc serves large blocks by mmap and unmaps them on free, so every fresh tensor
+    pays its page faults again (measured here: a 1x1 int8 conv on 16x128x32x32 took 1.0-1.25 ms
+    with a fresh output buffer, 0.33 ms with reused memory).
+    Applies to the whole process, FP32 and quantized models alike. No-op without glibc.
+    """
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters from <malloc.h>
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    big = 2**31 - 1
+    if not (libc.mallopt(m_mmap_threshold, big) and libc.mallopt(m_trim_threshold, big)):
+        log.debug("mallopt refused the settings; freed memory goes back to the OS")
 
 
 def resolve_device(name: str) -> torch.device:

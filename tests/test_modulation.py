@@ -10,15 +10,15 @@ from modiff.config import load_params, preset_config
 from modiff.diffusion import beta_schedule, ddim_sample, timestep_sequence
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_, reset_caches
-from modiff.quant.layers import LayerParams, QuantLayer
+from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer, cache_bytes
 from modiff.quant.quantizer import quantize_weight, search_weight_scales
 
 BACKENDS = ["native", "simulated"]
 
 
-def _layer(modulation, backend, a_bits=8, scale=None, warmup="fp"):
+def _layer(modulation, backend, a_bits=8, scale=None, warmup="fp", kernel=3, bias=True):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, padding=1)
+    conv = nn.Conv2d(4, 6, kernel, padding=kernel // 2, bias=bias)
     w_scale = search_weight_scales(conv.weight, 8)
     static = scale is not None
     config = QuantConfig(a_bits=a_bits, a_scale="static" if static else "dynamic", backend=backend,
@@ -26,7 +26,7 @@ def _layer(modulation, backend, a_bits=8, scale=None, warmup="fp"):
     params = LayerParams(
         weight_codes=quantize_weight(conv.weight.detach(), w_scale, 8),
         weight_scale=w_scale,
-        bias=conv.bias.detach(),
+        bias=conv.bias.detach() if bias else None,
         act_scale=torch.tensor(scale) if static else None,
         act_zero_point=torch.tensor(128) if static else None,
     )
@@ -45,12 +45,33 @@ def _random_walk(steps, step_size, seed=0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("modulation", ["compensated", "uncompensated"])
-def test_output_cache_equals_layer_on_reconstructed_input(backend, modulation):
-    layer = _layer(modulation, backend)
+@pytest.mark.parametrize("kernel", [3, 1])  # a 1x1 conv runs on the linear kernel
+def test_output_cache_equals_layer_on_reconstructed_input(backend, modulation, kernel):
+    layer = _layer(modulation, backend, kernel=kernel)
     for x in _random_walk(30, 0.05):
         out = layer(x)
         expected = layer.float_op(layer.a_hat, layer.bias)  # bias once, on A(a_hat)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_split_input_halves_share_one_output_cache(backend, kernel):
+    """cat([h, skip]) split in two layers: one output cache holds the sum, bias once."""
+    first = _layer("compensated", backend, kernel=kernel)
+    second = _layer("compensated", backend, kernel=kernel, bias=False)
+    second.weight_codes.neg_()  # a different operator than the first half's
+    second = QuantLayer(nn.Conv2d(4, 6, kernel, padding=kernel // 2, bias=False),
+                        LayerParams(second.weight_codes, second.weight_scale, None, None, None),
+                        second.config)  # fmt: skip
+    split = SplitInputLayer([first, second], split=4)
+    heads, tails = _random_walk(20, 0.05), _random_walk(20, 0.05, seed=1)
+    for head, tail in zip(heads, tails, strict=True):
+        out = split(torch.cat([head, tail], 1))
+        expected = first.float_op(first.a_hat, first.bias) + second.float_op(second.a_hat, None)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert out is first.o_hat and second.o_hat is None
+    assert cache_bytes(split) == 2 * heads[0].numel() * 4 + out.numel() * 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -60,6 +60,13 @@ class QuantLayer(nn.Module):
         self.register_buffer("act_scale", params.act_scale.float() if static else None)
         self.register_buffer("act_zero_point", params.act_zero_point.long() if static else None)
         w_shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+        # A 1x1 conv with stride 1 is a linear over the channels of a channels-last tensor. The
+        # linear kernel adds into an accumulator in place; the conv kernel's in-place sum returns
+        # a full copy of it besides (an extra pass per call for MoDiff's output cache).
+        self.pointwise = self.is_conv and (
+            tuple(template.kernel_size) == (1, 1) and self.stride == [1, 1]
+            and self.padding == [0, 0] and self.groups == 1
+        )  # fmt: skip
         if config.backend == "native":
             if not kernels.available():
                 raise RuntimeError(
@@ -67,13 +74,13 @@ class QuantLayer(nn.Module):
                     "use backend 'simulated'"
                 )
             self._w_zero_point = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
-            if self.is_conv:
+            if self.is_conv and not self.pointwise:
                 self._packed = kernels.pack_conv_weight(
                     self.weight_codes, self.weight_scale, self.stride, self.padding,
                     self.dilation, self.groups,
                 )  # fmt: skip
             else:
-                self._packed = kernels.pack_linear_weight(self.weight_codes)
+                self._packed = kernels.pack_linear_weight(self.weight_codes.flatten(1))
         if config.backend == "simulated" or config.modulation != "none":
             # Derived, not saved; a buffer so that .to(device) moves it with the layer.
             w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
@@ -138,17 +145,31 @@ class QuantLayer(nn.Module):
         return F.linear(x, self._w_float, bias)
 
     def _int_op(self, codes: torch.Tensor, scale: float, zp: int, bias) -> torch.Tensor:
-        if self.is_conv:
+        if self.is_conv and not self.pointwise:
             return kernels.conv2d(
                 codes, scale, zp, self._packed, self.weight_scale, self._w_zero_point, bias,
                 self.stride, self.padding, self.dilation, self.groups,
             )  # fmt: skip
-        lead = codes.shape[:-1]
         out = kernels.linear(
-            codes.reshape(-1, codes.shape[-1]), scale, zp, self._packed, self.weight_scale,
-            self._w_zero_point, bias,
-        )  # fmt: skip
-        return out.reshape(*lead, -1)
+            _rows(codes), scale, zp, self._packed, self.weight_scale, self._w_zero_point, bias
+        )
+        if self.pointwise:  # rows are (n, h, w): back to an (N, C, H, W) channels-last view
+            n, _, h, w = codes.shape
+            return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+        return out.reshape(*codes.shape[:-1], -1)
+
+    def _int_op_accumulate_(self, codes: torch.Tensor, scale: float, zp: int, accum) -> None:
+        """``accum += A(codes)`` in place; ``accum`` in the kernels' layout (channels-last)."""
+        if self.is_conv and not self.pointwise:
+            kernels.conv2d_accumulate_(
+                codes, scale, zp, self._packed, self.weight_scale, self._w_zero_point,
+                self.stride, self.padding, self.dilation, self.groups, accum,
+            )  # fmt: skip
+        else:
+            kernels.linear_accumulate_(
+                _rows(codes), scale, zp, self._packed, self.weight_scale, self._w_zero_point,
+                _rows(accum, in_place=True),
+            )  # fmt: skip
 
     # -- MoDiff modulation -------------------------------------------------------------------
 
@@ -158,31 +179,43 @@ class QuantLayer(nn.Module):
         self.o_hat = None  # output cache: the layer applied to a_hat, bias included once
         self.a_prev = None  # true previous input (uncompensated mode only)
 
-    def _forward_modulated(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_modulated(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         if self.a_hat is None:
-            self._warm_up(x)
+            self._warm_up(x, into)
         else:
             self._check_cache(x)
-            self._modulated_step(x)
+            self._modulated_step(x, into)
         # Handed out as is; the next step updates it in place only if nobody kept it.
-        return self.o_hat
+        return self.o_hat if into is None else into
 
-    def _warm_up(self, x: torch.Tensor) -> None:
+    def accumulate_(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """Add this modulated layer's output for ``x`` into another layer's output cache.
+
+        For layers whose outputs are summed (the halves of a split input): they share one
+        output cache, since only the sum is ever used. This layer keeps its input caches only.
+        """
+        return self._forward_modulated(x, into)
+
+    def _warm_up(self, x: torch.Tensor, into: torch.Tensor | None) -> None:
         mode, _, repeats = self.config.warmup.partition(":")
         if mode == "fp":  # full precision: a_hat = a_T exactly, o_hat = A(a_T) + b
             self.a_hat = x.clone()
         else:  # quantized (once) or repeat:k (a_T fed k times), from empty caches
             self.a_hat = torch.zeros_like(x)
-        self.o_hat = self.float_op(self.a_hat, self.bias)
-        if self.is_conv and self.config.backend == "native":  # the kernels' accumulator layout
-            self.o_hat = self.o_hat.contiguous(memory_format=torch.channels_last)
+        out = self.float_op(self.a_hat, self.bias)
+        if into is not None:
+            into.add_(out)
+        elif self.is_conv and self.config.backend == "native":  # the kernels' accumulator layout
+            self.o_hat = out.contiguous(memory_format=torch.channels_last)
+        else:
+            self.o_hat = out
         if mode != "fp":
             for _ in range(int(repeats) if mode == "repeat" else 1):
-                self._modulated_step(x)
+                self._modulated_step(x, into)
         self.a_prev = x.clone() if self.config.modulation == "uncompensated" else None
 
-    def _modulated_step(self, x: torch.Tensor) -> None:
-        """d = Q(x - base); a_hat += d; o_hat += A(d). base is a_hat (MoDiff) or a_prev."""
+    def _modulated_step(self, x: torch.Tensor, into: torch.Tensor | None) -> None:
+        """d = Q(x - base); a_hat += d; o_hat (or ``into``) += A(d). base: a_hat or a_prev."""
         per_sample = self.config.a_granularity == "per_sample"
         base = self.a_prev if self.a_prev is not None else self.a_hat
         if self.act_scale is not None:
@@ -196,25 +229,19 @@ class QuantLayer(nn.Module):
             self.a_prev = x.clone()
         if self.config.backend == "simulated":
             dq = (codes.to(x.dtype) - zp_b) * scale_b
-            self.o_hat = self.o_hat + self.float_op(dq, None)
+            if into is not None:
+                into.add_(self.float_op(dq, None))
+            else:
+                self.o_hat = self.o_hat + self.float_op(dq, None)
             return
         self._check_native(x)
-        if not _sole_owner(self.o_hat):  # the caller kept last step's output: leave it intact
+        if into is None and not _sole_owner(self.o_hat):  # the caller kept last step's output
             self.o_hat = self.o_hat.clone()
+        accum = self.o_hat if into is None else into
         if per_sample:  # unit input scale, then each sample's output times its scale
-            self.o_hat.add_(self._int_op(codes, 1.0, 128, None) * scale_b)
-        elif self.is_conv:
-            kernels.conv2d_accumulate_(
-                codes, float(scale), int(zp), self._packed, self.weight_scale, self._w_zero_point,
-                self.stride, self.padding, self.dilation, self.groups, self.o_hat,
-            )  # fmt: skip
+            accum.add_(self._int_op(codes, 1.0, 128, None) * scale_b)
         else:
-            lead = codes.shape[:-1]
-            kernels.linear_accumulate_(
-                codes.reshape(-1, codes.shape[-1]), float(scale), int(zp), self._packed,
-                self.weight_scale, self._w_zero_point, self.o_hat.view(-1, self.o_hat.shape[-1]),
-            )  # fmt: skip
-            assert self.o_hat.shape[:-1] == lead
+            self._int_op_accumulate_(codes, float(scale), int(zp), accum)
 
     def _check_cache(self, x: torch.Tensor) -> None:
         a = self.a_hat
@@ -240,6 +267,14 @@ class QuantLayer(nn.Module):
         return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {c.backend}{mod}"
 
 
+def _rows(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """A linear's 2-D operand: (N, C, H, W) as (N*H*W, C) rows (a view when channels-last),
+    or (..., C) as (-1, C). ``in_place``: must be a view (an error rather than a silent copy)."""
+    if t.dim() == 4:
+        t = t.permute(0, 2, 3, 1)
+    return t.view(-1, t.shape[-1]) if in_place else t.reshape(-1, t.shape[-1])
+
+
 def _sole_owner(t: torch.Tensor) -> bool:
     """Whether no other tensor or name holds ``t``'s memory (safe to update in place).
 
@@ -263,7 +298,10 @@ class SplitInputLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head, tail = x[:, : self.split], x[:, self.split :]
-        return self.parts[0](head) + self.parts[1](tail)
+        first, second = self.parts
+        if first.config.modulation != "none":  # one output cache for both halves (their sum)
+            return second.accumulate_(tail, first(head))
+        return first(head) + second(tail)
 
 
 def reset_caches(model: nn.Module) -> None:
