@@ -1,11 +1,15 @@
 rule sample_shard:
-    """One shard (whole batches) of a variant's DDIM samples; shards are separate jobs."""
+    """One shard (whole batches) of a variant's DDIM samples; shards are separate jobs.
+
+    Temporary: deleted once merged. A killed run keeps its finished shards; a missing shard is
+    not remade while the merged file is up to date (DVC, which samples unsharded, has none).
+    """
     input:
         ckpt=rules.fetch_checkpoint.output[0],
         qparams=qparams,
         code=code("cli", "config", "diffusion", "models", "checkpoint", "io", "runtime", "quant"),
     output:
-        "results/samples/{variant}/shard-{shard}.npz",
+        temp("results/samples/{variant}/shard-{shard}.npz"),
     params:
         settings=settings(
             "preset", "seed", "threads", "device", *preset_keys("model", "data", "diffusion", "sampling")
