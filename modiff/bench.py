@@ -10,7 +10,6 @@ its fastest form: inference mode and channels-last when that is faster on this m
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import multiprocessing as mp
@@ -29,6 +28,7 @@ from torch import nn
 
 from modiff.diffusion import beta_schedule, ddim_sample, timestep_sequence
 from modiff.quant.layers import cache_bytes
+from modiff.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _peak_memory_child(case, build, batch, settings, queue) -> None:
     model = build(_build(case))
     _trajectory_step_time(model, case, 1, 2)  # load kernels and libraries before the baseline
     gc.collect()
-    _malloc_trim()  # hand memory freed while building back to the OS: the baseline is honest
+    release_freed_memory()  # memory freed while building is not sampling's: honest baseline
     base = peak = _rss_bytes()
     done = threading.Event()
 
@@ -194,13 +194,6 @@ def _peak_memory_child(case, build, batch, settings, queue) -> None:
     peak = max(peak, _rss_bytes())
     params = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     queue.put({"sampling_bytes": peak - base, "param_bytes": params, "peak_rss_bytes": peak})
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the baseline may include freed memory
-        pass
 
 
 def peak_memory(

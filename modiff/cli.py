@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     params, preset = _settings(args)
     if "training" not in preset:
         raise SystemExit(f"preset {preset['name']} has no 'training' section: nothing to train")
-    _set_threads(params)
+    _configure_process(params)
     _, summary = train_diffusion(preset, args.out)
     summary["sha256"] = file_digest(args.out, "sha256")
     _write_metrics(summary, args.summary)
@@ -119,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError(
             "a quantized --variant needs --qparams (from `modiff calibrate`), fp32 none"
         )
-    _set_threads(params)
+    _configure_process(params)
     device = resolve_device(params["device"])
     overrides = {"backend": args.backend} if args.backend else {}
     if args.qparams:
@@ -196,7 +196,7 @@ def cmd_calib_data(args: argparse.Namespace) -> None:
 
     params, preset = _settings(args)
     c = preset["calibration"]
-    _set_threads(params)
+    _configure_process(params)
     device = resolve_device(params["device"])
     model = _load_model(preset, args.checkpoint, device)
     data = collect_calibration(
@@ -227,7 +227,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from modiff.quant.calibration import load_calibration
 
     params, preset = _settings(args)
-    _set_threads(params)
+    _configure_process(params)
     if args.variant:
         from modiff.config import find_variant
 
@@ -315,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         steps=b["steps"],
         threads=params["threads"],
     )
-    _set_threads(params)
+    _configure_process(params)
     cases = []
     ck = checkpoint_path(preset["name"])
     if preset["name"] != "cifar10":
@@ -410,7 +410,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 # --- wiring --------------------------------------------------------------------------------------
 
 
-def _set_threads(params: dict[str, Any]) -> None:
+def _configure_process(params: dict[str, Any]) -> None:
     """Process settings of every torch command: thread count and allocator reuse."""
     from modiff.runtime import keep_freed_memory, set_threads
 

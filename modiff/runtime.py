@@ -23,6 +23,13 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
 def keep_freed_memory() -> None:
     """Make glibc keep freed blocks for reuse instead of returning them to the OS at once.
 
@@ -33,13 +40,18 @@ def keep_freed_memory() -> None:
     Applies to the whole process, FP32 and quantized models alike. No-op without glibc.
     """
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters from <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc, big = _glibc(), 2**31 - 1
+    if libc is None:
         return
-    big = 2**31 - 1
     if not (libc.mallopt(m_mmap_threshold, big) and libc.mallopt(m_trim_threshold, big)):
         log.debug("mallopt refused the settings; freed memory goes back to the OS")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed so far back to the OS (glibc's malloc_trim); no-op without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def resolve_device(name: str) -> torch.device:
