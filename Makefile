@@ -32,12 +32,12 @@ adopt-dvc: setup   # after dvc repro/pull/checkout: Snakemake takes DVC's checke
 	bash workflow/scripts/adopt_dvc_outputs.sh results/report.md
 
 test: setup
-	$(BIN)/ruff check modiff tests
-	$(BIN)/ruff format --check modiff tests
+	$(BIN)/ruff check modiff tests scripts
+	$(BIN)/ruff format --check modiff tests scripts
 	$(BIN)/pytest --durations=12
 
 lint: setup
-	$(BIN)/ruff check modiff tests
+	$(BIN)/ruff check modiff tests scripts
 	$(BIN)/snakemake --lint
 
 clean:

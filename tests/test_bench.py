@@ -1,8 +1,14 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
+import torch
 from conftest import tiny_config
+from torch import nn
 
 from modiff.bench import BenchCase, BenchSettings, time_variants
 from modiff.cli import bench_variants
+from modiff.models import build_model
 
 
 def test_bench_times_fp32_int8_and_modiff_in_one_paired_run():
@@ -21,3 +27,34 @@ def test_bench_times_fp32_int8_and_modiff_in_one_paired_run():
 def test_bad_bench_variant_name():
     with pytest.raises(ValueError, match="w8a8-native"):
         bench_variants(["int8"])
+
+
+def _load_script(name: str):
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_traffic_floor_counts_every_layer_input_and_output():
+    """scripts/modiff_traffic.py against a count by hooks on the float model's layers."""
+    config = tiny_config()
+    traffic, copies = _load_script("modiff_traffic").extra_bytes_per_image(config)
+    model = build_model(config).eval()
+    counts = {"in": 0, "out": 0, "out3x3": 0}
+
+    def count(layer, args, out):
+        counts["in"] += args[0].numel()
+        counts["out"] += out.numel()
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+            counts["out3x3"] += out.numel()
+
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            layer.register_forward_hook(count)
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 8, 8), torch.full((1,), 900.0))
+    assert counts["out3x3"] > 0
+    assert traffic == 8 * counts["in"] + 4 * counts["out"]
+    assert copies == 8 * counts["out3x3"]
