@@ -126,7 +126,6 @@ def _run_with_hooks(model, names, splits, recorder, batches) -> None:
             h.remove()
 
 
-@torch.no_grad()
 class _ResidualRecorder:
     """Records layer-input residuals: first pass stores each input of the previous step, the
     second pass hands ``input - stored`` to the statistics recorder."""
