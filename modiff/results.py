@@ -12,7 +12,7 @@ import torch
 from modiff.io import atomic_output, load_images
 
 # Metadata that may differ between the shards of one variant.
-_PER_SHARD = ("indices", "seconds", "shard")
+_PER_SHARD = ("indices", "shard")
 
 
 def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -34,7 +34,6 @@ def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
     meta = {k: v for k, v in first_meta.items() if k not in _PER_SHARD}
     meta["indices"] = [0, expected_start]
     meta["shards"] = len(loaded)
-    meta["seconds"] = round(sum(m["seconds"] for _, m, _ in loaded), 2)
     return np.concatenate([images for images, _, _ in loaded]), meta
 
 

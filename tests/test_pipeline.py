@@ -101,6 +101,7 @@ def test_merged_shards_equal_one_unsharded_run(project):
 def test_an_interrupted_run_resumes_with_the_missing_shard_only(project):
     merged = project / "results/samples/fp32.npz"
     images, _ = load_images(merged)
+    merged_bytes = merged.read_bytes()
     assert not list((project / "results/samples").glob("*/shard-*.npz")), "shards are temporary"
     # A run killed while sampling FP32: one shard finished, the other and all after it not.
     for later in ["samples/fp32.npz", "metrics", "metrics.json", "report.md", "grids/fp32.png"]:
@@ -115,4 +116,13 @@ def test_an_interrupted_run_resumes_with_the_missing_shard_only(project):
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^sample_shard\s+1$", result.stdout + result.stderr, re.M)
     np.testing.assert_array_equal(load_images(merged)[0], images)
+    assert merged.read_bytes() == merged_bytes  # the file too: checksums see no change
     assert not kept.exists()
+
+
+def test_calibration_reruns_to_the_same_bytes(project):
+    name = "qdiff-static-w8a8"
+    again = run(project, "modiff", "calibrate", "--variant", name, "--calib",
+                "data/calibration/digits.pt", "--out", "again.pt")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (project / "again.pt").read_bytes() == (project / f"data/quant/{name}.pt").read_bytes()

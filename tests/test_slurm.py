@@ -132,9 +132,7 @@ def jobs_total(log: str) -> int:
 
 def sample_meta(path: Path) -> tuple[np.ndarray, dict]:
     with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["meta"]))
-        meta.pop("seconds", None)
-        return f["images"], meta
+        return f["images"], json.loads(str(f["meta"]))
 
 
 def test_gpu_profile_only_adds_gpus_and_cuda():
