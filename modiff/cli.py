@@ -409,11 +409,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def _configure_process(params: dict[str, Any]) -> None:
-    """Process settings of every torch command: thread count and allocator reuse."""
-    from modiff.runtime import keep_freed_memory, set_threads
+    from modiff.runtime import configure_process  # imports torch: only for commands that use it
 
-    set_threads(params["threads"])
-    keep_freed_memory()
+    configure_process(params["threads"])
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:

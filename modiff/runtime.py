@@ -18,9 +18,13 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def set_threads(threads: int) -> None:
-    """Fix intra-op threads: float sums (and so samples) are bit-exact only at equal threads."""
+def configure_process(threads: int) -> None:
+    """What every torch command sets first: its thread count, and allocator reuse.
+
+    Fixed threads because float sums (and so samples) are bit-exact only at equal threads.
+    """
     torch.set_num_threads(threads)
+    keep_freed_memory()
 
 
 def _glibc() -> ctypes.CDLL | None:

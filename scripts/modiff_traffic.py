@@ -23,7 +23,7 @@ from modiff.cli import bench_variants
 from modiff.config import load_params, preset_config
 from modiff.models import build_model
 from modiff.quant.layers import QuantLayer, reset_caches
-from modiff.runtime import keep_freed_memory
+from modiff.runtime import configure_process
 
 PLAIN, MODIFF = "w8a8-native", "w8a8-native-modiff"
 
@@ -58,15 +58,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    config = preset_config(load_params("params.yaml"), "cifar10")
+    params = load_params("params.yaml")  # its thread count, as the pipeline's benchmark uses
+    configure_process(params["threads"])
+    config = preset_config(params, "cifar10")
 
     traffic, copies = extra_bytes_per_image(config)
     bandwidth = streaming_bandwidth()
-    settings = BenchSettings([args.batch], args.repetitions, steps=4, threads=args.threads,
+    settings = BenchSettings([args.batch], args.repetitions, steps=4, threads=params["threads"],
                              memory=False)  # fmt: skip
     case = BenchCase("cifar10", config, "random (timing only)")
     rows = {r["variant"]: r for r in time_variants(case, bench_variants([PLAIN, MODIFF]), settings)}
