@@ -14,6 +14,7 @@ from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer, cache_
 from modiff.quant.quantizer import quantize_weight, search_weight_scales
 
 BACKENDS = ["native", "simulated"]
+BACKEND_PARAMS = [pytest.param("native", marks=pytest.mark.native), "simulated"]
 
 
 def _layer(modulation, backend, a_bits=8, scale=None, warmup="fp", kernel=3, bias=True, seed=0):
@@ -43,7 +44,7 @@ def _random_walk(steps, step_size, seed=0):
     return seq
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("modulation", ["compensated", "uncompensated"])
 @pytest.mark.parametrize("kernel", [3, 1])  # a 1x1 conv runs on the linear kernel
 def test_output_cache_equals_layer_on_reconstructed_input(backend, modulation, kernel):
@@ -54,7 +55,7 @@ def test_output_cache_equals_layer_on_reconstructed_input(backend, modulation, k
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_split_input_halves_share_one_output_cache(backend, kernel):
     """cat([h, skip]) split in two layers: one output cache holds the sum, bias once."""
@@ -70,7 +71,7 @@ def test_split_input_halves_share_one_output_cache(backend, kernel):
     assert cache_bytes(split) == 2 * heads[0].numel() * 4 + out.numel() * 4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_error_compensation_keeps_input_error_within_half_a_step(backend):
     scale = 0.02
     seq = _random_walk(300, scale)  # increments of one step: never clipped on a 4-bit grid
@@ -143,6 +144,7 @@ def test_sampler_resets_caches_for_every_batch(digits):
     ddim_sample(model, x_T[:2], seq, betas)  # another batch size is fine after a reset
 
 
+@pytest.mark.native
 def test_native_and_simulated_modulated_trajectories_agree(digits):
     """Over a whole 20-step trajectory the backends differ only by float-vs-int32 rounding
     flips, which dynamic scales and the caches carry forward. Bound: the rms difference of the
@@ -164,6 +166,7 @@ def test_native_and_simulated_modulated_trajectories_agree(digits):
     assert diff < 0.5 * rms(out["simulated"] - ref) and diff < 0.01
 
 
+@pytest.mark.native
 def test_output_kept_by_the_caller_is_not_overwritten():
     layer = _layer("compensated", "native", scale=0.05)
     seq = _random_walk(4, 0.05)

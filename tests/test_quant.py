@@ -9,7 +9,12 @@ from modiff.checkpoint import load_into
 from modiff.config import load_params, preset_config
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_
-from modiff.quant.api import load_quantized, save_quant_params, weights_fingerprint
+from modiff.quant.api import (
+    load_quantized,
+    save_quant_params,
+    target_layers,
+    weights_fingerprint,
+)
 from modiff.quant.calibration import collect_calibration
 from modiff.quant.layers import QuantLayer, SplitInputLayer
 from modiff.quant.quantizer import (
@@ -87,6 +92,18 @@ def _quantized(model, **kw):
     return quantize_(m, q, _calibration(model) if q.a_scale == "static" else None)
 
 
+def _native_and_simulated(build_float, calibration, tmp_path, **kw):
+    """The same parameters on both backends, calibrated once (as in the pipeline: `modiff
+    calibrate` once, then `modiff sample --backend` either)."""
+    config = QuantConfig(backend="simulated", calib_max_values=1 << 14, **kw)
+    float_model = build_float()
+    fingerprint = weights_fingerprint(float_model, list(target_layers(float_model, config)))
+    simulated = quantize_(float_model, config, calibration if config.a_scale == "static" else None)
+    save_quant_params(simulated, config, fingerprint, tmp_path / "q.pt")
+    native, _ = load_quantized(build_float(), tmp_path / "q.pt", backend="native")
+    return native, simulated
+
+
 MODES = [
     dict(a_scale="static"),
     dict(a_scale="dynamic"),
@@ -96,11 +113,17 @@ MODES = [
 ]
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("kw", MODES)
-def test_native_layers_equal_simulated_layers(tiny_model, kw):
+def test_native_layers_equal_simulated_layers(tiny_model, kw, tmp_path):
     """Same input, same codes: int32 sums vs float sums differ by float rounding only."""
-    native = _quantized(tiny_model, backend="native", **kw)
-    simulated = _quantized(tiny_model, backend="simulated", **kw)
+
+    def build_float():
+        m = build_model(tiny_config(ch_mult=[1, 2, 2])).eval()
+        m.load_state_dict(tiny_model.state_dict())
+        return m
+
+    native, simulated = _native_and_simulated(build_float, _calibration(tiny_model), tmp_path, **kw)
     inputs = {}
     handles = [
         m.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, args[0]))
@@ -132,8 +155,9 @@ def digits_setup():
     return preset, model.state_dict(), cal
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("kw", MODES[:4])
-def test_native_model_agrees_with_simulated_on_calibration_inputs(digits_setup, kw):
+def test_native_model_agrees_with_simulated_on_calibration_inputs(digits_setup, kw, tmp_path):
     """Tolerance: rounding differences of ~1e-6 between int32 and float sums occasionally move
     a later layer's input across a rounding boundary (one code step). Over the whole UNet such
     flips must stay far below the quantization error itself: rms(native - simulated) is at most
@@ -141,19 +165,17 @@ def test_native_model_agrees_with_simulated_on_calibration_inputs(digits_setup, 
     where the scale itself follows the flipped values)."""
     preset, state, cal = digits_setup
 
-    def model(**q):
+    def build_float():
         m = build_model(preset).eval()
         m.load_state_dict(state)
-        if not q:
-            return m
-        config = QuantConfig(**q)
-        return quantize_(m, config, cal if config.a_scale == "static" else None)
+        return m
 
+    native, simulated = _native_and_simulated(build_float, cal, tmp_path, **kw)
     x, t = cal["xs"][::4], cal["ts"][::4]
     with torch.no_grad():
-        ref = model()(x, t)
-        out_n = model(backend="native", **kw)(x, t)
-        out_s = model(backend="simulated", **kw)(x, t)
+        ref = build_float()(x, t)
+        out_n = native(x, t)
+        out_s = simulated(x, t)
 
     def rms(v):
         return v.pow(2).mean().sqrt().item()
@@ -173,6 +195,7 @@ def test_quantize_swaps_every_conv_and_linear(tiny_model):
     assert splits, "the up path's nin_shortcut inputs are split"
 
 
+@pytest.mark.native
 def test_native_runs_integer_kernels_only(tiny_model):
     q = _quantized(tiny_model, a_scale="static")
     n_int_ops = sum(isinstance(m, QuantLayer) for m in q.modules())
@@ -230,7 +253,7 @@ def test_static_scales_need_calibration(tiny_model):
         quantize_(tiny_model, QuantConfig(a_scale="static"))
 
 
-@pytest.mark.parametrize("backend", ["native", "simulated"])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=pytest.mark.native), "simulated"])
 def test_quantize_works_on_any_module(backend):
     torch.manual_seed(0)
     model = nn.Sequential(

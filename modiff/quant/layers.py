@@ -67,25 +67,45 @@ class QuantLayer(nn.Module):
             tuple(template.kernel_size) == (1, 1) and self.stride == [1, 1]
             and self.padding == [0, 0] and self.groups == 1
         )  # fmt: skip
+        # Codes go to the kernels shifted by a_qmin, on 0..a_qmax - a_qmin: a 7-bit grid then
+        # lies in 0..127, where even the saturating int8 kernels are exact (kernels module).
+        self.code_shift = self.a_qmin
+        self.code_max = self.a_qmax - self.a_qmin
+        self.channel_dim = 1 if self.is_conv else -1
+        self.scheme = None  # native only: "direct" or "split" (kernels module)
         if config.backend == "native":
-            if not kernels.available():
-                raise RuntimeError(
-                    "backend 'native' needs torch's oneDNN int8 CPU kernels, not in this build; "
-                    "use backend 'simulated'"
-                )
-            self._w_zero_point = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
-            if self.is_conv and not self.pointwise:
-                self._packed = kernels.pack_conv_weight(
-                    self.weight_codes, self.weight_scale, self.stride, self.padding,
-                    self.dilation, self.groups,
-                )  # fmt: skip
-            else:
-                self._packed = kernels.pack_linear_weight(self.weight_codes.flatten(1))
+            self._init_native()
         if config.backend == "simulated" or config.modulation != "none":
             # Derived, not saved; a buffer so that .to(device) moves it with the layer.
             w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
             self.register_buffer("_w_float", w_float, persistent=False)
         self.reset_cache()
+
+    def _init_native(self) -> None:
+        if not kernels.available():
+            raise RuntimeError(
+                "backend 'native' needs torch's oneDNN int8 CPU kernels, not in this build; "
+                "use backend 'simulated'"
+            )
+        kind = "conv" if self.is_conv and not self.pointwise else "linear"
+        w = self.weight_codes
+        split = kernels.needs_split(kind, self.code_max, int(w.min()), int(w.max()))
+        self.scheme = "split" if split else "direct"
+        if split:
+            if self.is_conv and self.groups != 1:
+                raise ValueError(
+                    "a grouped conv with 8-bit weights and activations has no exact native scheme "
+                    f"on this CPU ({kernels.cpu_isa()}, no VNNI): use w_bits <= 7, a_bits <= 7 "
+                    "or backend 'simulated'"
+                )
+            w = kernels.repeat_input_channels(w)
+        self._w_zero_point = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
+        if kind == "conv":
+            self._packed = kernels.pack_conv_weight(
+                w, self.weight_scale, self.stride, self.padding, self.dilation, self.groups
+            )
+        else:
+            self._packed = kernels.pack_linear_weight(w.flatten(1))
 
     # -- activations ------------------------------------------------------------------------
 
@@ -122,14 +142,16 @@ class QuantLayer(nn.Module):
             return self.float_op(xq, bias)
         self._check_native(x)
         if scale.dim() == 0:
-            codes = kernels.quantize_activation(x, float(scale), int(zp), self.a_qmin, self.a_qmax)
-            return self._int_op(codes, float(scale), int(zp), bias)
+            zp_k = int(zp) - self.code_shift
+            codes = kernels.quantize_activation(x, float(scale), zp_k, 0, self.code_max)
+            return self._int_op(codes, float(scale), zp_k, bias)
         # One scale per sample: quantize each sample by its own scale, run the kernel with a
         # unit input scale, rescale each sample's output, then add the bias once.
+        zp_k = 128 - self.code_shift
         codes = kernels.quantize_activation(
-            x * (1.0 / scale.reshape(shape)), 1.0, 128, self.a_qmin, self.a_qmax
+            x * (1.0 / scale.reshape(shape)), 1.0, zp_k, 0, self.code_max
         )
-        out = self._int_op(codes, 1.0, 128, None) * scale.reshape(shape)
+        out = self._int_op(codes, 1.0, zp_k, None) * scale.reshape(shape)
         return out if bias is None else out + self._bias_view(bias, x)
 
     def _check_native(self, x: torch.Tensor) -> None:
@@ -144,22 +166,33 @@ class QuantLayer(nn.Module):
             )
         return F.linear(x, self._w_float, bias)
 
+    def _kernel_operand(self, codes: torch.Tensor, zp: int) -> tuple[torch.Tensor, int]:
+        """Codes and zero point as this layer's scheme hands them to the kernel."""
+        if self.scheme == "split":
+            return fused.split_codes(codes, zp, self.channel_dim), kernels.split_offset(zp)
+        return codes, zp
+
     def _int_op(self, codes: torch.Tensor, scale: float, zp: int, bias) -> torch.Tensor:
+        """This layer on uint8 ``codes`` (shifted grid, zero point ``zp``), float32 out."""
+        shape = codes.shape
+        codes, zp = self._kernel_operand(codes, zp)
         if self.is_conv and not self.pointwise:
             return kernels.conv2d(
                 codes, scale, zp, self._packed, self.weight_scale, self._w_zero_point, bias,
                 self.stride, self.padding, self.dilation, self.groups,
             )  # fmt: skip
         out = kernels.linear(
-            _rows(codes), scale, zp, self._packed, self.weight_scale, self._w_zero_point, bias
-        )
+            _rows(codes, self.channel_dim), scale, zp, self._packed, self.weight_scale,
+            self._w_zero_point, bias,
+        )  # fmt: skip
         if self.pointwise:  # rows are (n, h, w): back to an (N, C, H, W) channels-last view
-            n, _, h, w = codes.shape
+            n, _, h, w = shape
             return out.view(n, h, w, -1).permute(0, 3, 1, 2)
-        return out.reshape(*codes.shape[:-1], -1)
+        return out.reshape(*shape[:-1], -1)
 
     def _int_op_accumulate_(self, codes: torch.Tensor, scale: float, zp: int, accum) -> None:
         """``accum += A(codes)`` in place; ``accum`` in the kernels' layout (channels-last)."""
+        codes, zp = self._kernel_operand(codes, zp)
         if self.is_conv and not self.pointwise:
             kernels.conv2d_accumulate_(
                 codes, scale, zp, self._packed, self.weight_scale, self._w_zero_point,
@@ -167,8 +200,8 @@ class QuantLayer(nn.Module):
             )  # fmt: skip
         else:
             kernels.linear_accumulate_(
-                _rows(codes), scale, zp, self._packed, self.weight_scale, self._w_zero_point,
-                _rows(accum, in_place=True),
+                _rows(codes, self.channel_dim), scale, zp, self._packed, self.weight_scale,
+                self._w_zero_point, _rows(accum, self.channel_dim, in_place=True),
             )  # fmt: skip
 
     # -- MoDiff modulation -------------------------------------------------------------------
@@ -223,8 +256,9 @@ class QuantLayer(nn.Module):
         else:
             scale, zp = self._params_for_range(*fused.residual_range(x, base, per_sample))
         shape = (-1,) + (1,) * (x.dim() - 1) if per_sample else ()
+        zp = zp - self.code_shift  # codes on the shifted grid 0..code_max, as the kernels take
         scale_b, zp_b = scale.reshape(shape), zp.reshape(shape).to(x.dtype)
-        codes = fused.residual_codes_(x, base, self.a_hat, scale_b, zp_b, self.a_qmin, self.a_qmax)
+        codes = fused.residual_codes_(x, base, self.a_hat, scale_b, zp_b, 0, self.code_max)
         if self.config.modulation == "uncompensated":
             self.a_prev = x.clone()
         if self.config.backend == "simulated":
@@ -239,7 +273,7 @@ class QuantLayer(nn.Module):
             self.o_hat = self.o_hat.clone()
         accum = self.o_hat if into is None else into
         if per_sample:  # unit input scale, then each sample's output times its scale
-            accum.add_(self._int_op(codes, 1.0, 128, None) * scale_b)
+            accum.add_(self._int_op(codes, 1.0, 128 - self.code_shift, None) * scale_b)
         else:
             self._int_op_accumulate_(codes, float(scale), int(zp), accum)
 
@@ -264,14 +298,16 @@ class QuantLayer(nn.Module):
         c = self.config
         kind = "conv" if self.is_conv else "linear"
         mod = "" if c.modulation == "none" else f", modulation {c.modulation}"
-        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {c.backend}{mod}"
+        backend = c.backend if self.scheme is None else f"{c.backend} ({self.scheme})"
+        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {backend}{mod}"
 
 
-def _rows(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """A linear's 2-D operand: (N, C, H, W) as (N*H*W, C) rows (a view when channels-last),
-    or (..., C) as (-1, C). ``in_place``: must be a view (an error rather than a silent copy)."""
-    if t.dim() == 4:
-        t = t.permute(0, 2, 3, 1)
+def _rows(t: torch.Tensor, channel_dim: int, in_place: bool = False) -> torch.Tensor:
+    """A linear's 2-D operand: rows of the channels at ``channel_dim`` (for a channels-last
+    (N, C, H, W) conv tensor, (N*H*W, C) as a view). ``in_place``: must be a view (an error
+    rather than a silent copy)."""
+    if channel_dim != -1:
+        t = t.movedim(channel_dim, -1)
     return t.view(-1, t.shape[-1]) if in_place else t.reshape(-1, t.shape[-1])
 
 
@@ -309,6 +345,15 @@ def reset_caches(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, QuantLayer):
             m.reset_cache()
+
+
+def native_schemes(model: nn.Module) -> dict[str, int]:
+    """How many native layer parts of ``model`` run each kernel scheme ("direct", "split")."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLayer) and m.scheme is not None:
+            counts[m.scheme] = counts.get(m.scheme, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def cache_bytes(model: nn.Module) -> int:
