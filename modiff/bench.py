@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from modiff.diffusion import beta_schedule, ddim_sample, timestep_sequence
-from modiff.quant.layers import cache_bytes
+from modiff.quant import kernels
+from modiff.quant.layers import cache_bytes, native_schemes
 from modiff.runtime import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def time_variants(
                     "images_per_s": round(batch / median_s, 2),
                     "speedup_vs_fp32": round(statistics.median(ratios), 3),
                     "cache_mb_per_image": round(cache_bytes(models[name]) / batch / 2**20, 2),
+                    "schemes": native_schemes(models[name]),  # native layer parts per scheme
                     "fp32_layout": fp32_best.__name__.removeprefix("_"),
                 }
             )
@@ -238,9 +240,12 @@ def environment() -> dict[str, Any]:
             )
     except (OSError, StopIteration):
         pass
+    int8 = kernels.probe().describe() if kernels.available() else "none"
     return {
         "torch": torch.__version__,
         "cpu": cpu,
+        **kernels.isa_record(),
+        "int8_kernels": int8,
         "threads": torch.get_num_threads(),
         "quantized_engine": torch.backends.quantized.engine,
         "python": platform.python_version(),
@@ -250,18 +255,25 @@ def environment() -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "| model | weights | variant | batch | ms/step | img/s | x FP32 "
+        "| model | weights | variant | int8 scheme | batch | ms/step | img/s | x FP32 "
         "| sampling MB | peak RSS MB | cache MB/img |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['weights']} | {r['variant']} | {r['batch']} | {r['step_ms']:.2f}"
-            f" | {r['images_per_s']:.1f} | {r['speedup_vs_fp32']:.2f}"
-            f" | {r.get('sampling_mem_mb', '-')} | {r.get('peak_rss_mb', '-')}"
-            f" | {r.get('cache_mb_per_image', '-')} |"
+            f"| {r['model']} | {r['weights']} | {r['variant']} | {format_schemes(r.get('schemes'))}"
+            f" | {r['batch']} | {r['step_ms']:.2f} | {r['images_per_s']:.1f}"
+            f" | {r['speedup_vs_fp32']:.2f} | {r.get('sampling_mem_mb', '-')}"
+            f" | {r.get('peak_rss_mb', '-')} | {r.get('cache_mb_per_image', '-')} |"
         )
     return "\n".join(lines)
+
+
+def format_schemes(schemes: dict[str, int] | None) -> str:
+    """Native layer parts per kernel scheme, e.g. ``split 67, direct 58``; ``-`` for none."""
+    if not schemes:
+        return "-"
+    return ", ".join(f"{name} {count}" for name, count in sorted(schemes.items(), reverse=True))
 
 
 class QuantizedVariant:

@@ -105,7 +105,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from modiff.config import shard_range
     from modiff.diffusion import sample_images
     from modiff.io import save_images
-    from modiff.runtime import resolve_device
+    from modiff.quant.layers import kernel_record
+    from modiff.runtime import resolve_execution
 
     params, preset = _settings(args)
     s = preset["sampling"]
@@ -120,20 +121,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
             "a quantized --variant needs --qparams (from `modiff calibrate`), fp32 none"
         )
     _configure_process(params)
-    device = resolve_device(params["device"])
-    overrides = {"backend": args.backend} if args.backend else {}
+    backend = None
     if args.qparams:
         from modiff.quant.api import read_quant_params
 
-        backend = overrides.get("backend") or read_quant_params(args.qparams)["config"]["backend"]
-        if backend == "native" and device.type != "cpu":
-            raise ValueError("backend 'native' runs on the CPU; use --backend simulated on CUDA")
+        backend = args.backend or read_quant_params(args.qparams)["config"]["backend"]
+    execution = resolve_execution(params["device"], backend)
+    device = execution.device
     model = _load_model(preset, args.checkpoint, device)
     method, qconfig = "fp32", None
     if args.qparams:
         from modiff.quant.api import load_quantized
 
-        model, qconfig = load_quantized(model.cpu(), args.qparams, **overrides)
+        model, qconfig = load_quantized(model.cpu(), args.qparams, backend=execution.backend)
         model = model.to(device)
         method = "qdiff" if qconfig.modulation == "none" else "modiff"
     log.info("sampling %s: images %d..%d", args.variant, indices.start, indices.stop)
@@ -159,6 +159,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         "sampling": {k: v for k, v in s.items() if k != "shards"},
         "device": str(device),
         "threads": params["threads"],
+        "kernels": kernel_record(model),  # CPU ISA; native: exact or saturating, schemes
     }  # no run time: equal images make an equal file (DVC and Snakemake compare checksums)
     if args.shard is not None:
         meta["shard"] = [args.shard, s["shards"]]
@@ -191,12 +192,12 @@ def cmd_damage(args: argparse.Namespace) -> None:
 def cmd_calib_data(args: argparse.Namespace) -> None:
     """Time-step-aware calibration inputs (with previous-step inputs) from FP32 sampling."""
     from modiff.quant.calibration import collect_calibration, save_calibration
-    from modiff.runtime import resolve_device
+    from modiff.runtime import resolve_execution
 
     params, preset = _settings(args)
     c = preset["calibration"]
     _configure_process(params)
-    device = resolve_device(params["device"])
+    device = resolve_execution(params["device"]).device
     model = _load_model(preset, args.checkpoint, device)
     data = collect_calibration(
         model, preset, cali_st=c["cali_st"], cali_n=c["cali_n"], seed=params["seed"],
@@ -252,6 +253,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     """FID and KID of a samples file against the preset's reference set."""
     from modiff.io import load_images
     from modiff.metrics import compute_fid
+    from modiff.runtime import resolve_execution
 
     params, preset = _settings(args)
     images, meta = load_images(args.samples)
@@ -260,7 +262,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
         preset=preset["name"],
         fid_config=preset["fid"],
         cache_dir=args.cache_dir,
-        device="cuda" if params["device"] == "cuda" else "cpu",
+        device=resolve_execution(params["device"]).device.type,
     )
     result["variant"] = meta.get("variant", Path(args.samples).stem)
     result["samples"] = str(args.samples)
@@ -281,6 +283,8 @@ def cmd_fid(args: argparse.Namespace) -> None:
         result["noise_sigma"] = meta["noise_sigma"]
     quant = meta.get("quant") or {}
     result["backend"] = quant.get("backend", "fp32")
+    result["device"] = meta.get("device")
+    result["kernels"] = meta.get("kernels")
     result.update({k: quant[k] for k in ("w_bits", "a_bits", "a_scale") if k in quant})
     if preset["fid"]["feature_extractor"] == "digits-classifier":
         from modiff.classifier import class_histogram, load_classifier

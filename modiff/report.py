@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modiff.bench import format_table
+from modiff.bench import format_schemes, format_table
 from modiff.io import atomic_output
 
 METHODS = {"qdiff": "Q-Diffusion", "modiff": "Q-Diffusion + MoDiff"}
@@ -42,15 +42,30 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
     return lines
 
 
+def _kernels(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record's kernel records: one, or one per CPU type its shards ran on."""
+    kernels = record.get("kernels") or []
+    return kernels if isinstance(kernels, list) else [kernels]
+
+
+def _scheme_cell(record: dict[str, Any]) -> str:
+    cells = []
+    for k in _kernels(record):
+        if k and k.get("schemes"):
+            cells.append(f"{format_schemes(k['schemes'])} ({k['cpu_isa']})")
+    return "; ".join(cells) or "-"
+
+
 def variant_table(records: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| variant | backend | N | steps | FID | KID | PSNR vs FP32 (dB, median) | ms/step "
-        "| x FP32 | cache MB/img |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | backend | int8 scheme (CPU) | N | steps | FID | KID "
+        "| PSNR vs FP32 (dB, median) | ms/step | x FP32 | cache MB/img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        backend = r["backend"] if not r.get("device") else f"{r['backend']} on {r['device']}"
         lines.append(
-            f"| {r['variant']} | {r['backend']} | {r['n_samples']} | {r['steps']} "
+            f"| {r['variant']} | {backend} | {_scheme_cell(r)} | {r['n_samples']} | {r['steps']} "
             f"| {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | {_fmt(r['psnr_vs_fp32'], 1)} "
             f"| {_fmt(r['step_ms'], 2)} | {_fmt(r['speedup_vs_fp32'], 2)} "
             f"| {_fmt(r['cache_mb_per_image'], 2)} |"
@@ -92,6 +107,7 @@ def write_report(
         "trajectories)",
         f"- torch {env['torch']}, CPU {env['cpu']}, {params['threads']} threads, "
         f"device {params['device']}, quantized engine {env['quantized_engine']}",
+        f"- int8 kernels: {_isa_line(env)}",
         f"- FID: N = {', '.join(map(str, n))} samples against `{fid['reference']}` with "
         f"`{fid['feature_extractor']}` features. FID at small N is biased upwards: compare only "
         "figures with equal N and the same reference set; none of these are comparable to "
@@ -155,6 +171,22 @@ def write_report(
         lines.append(f"- [{f}]({_rel(f, out.parent)})")
     with atomic_output(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def _isa_line(env: dict[str, Any]) -> str:
+    """The benchmark machine's ISA and what its int8 kernels do (the split scheme's reason)."""
+    isa = env.get("cpu_isa", "unknown ISA")
+    if env.get("onednn_max_cpu_isa"):
+        isa += f", oneDNN capped to {env['onednn_max_cpu_isa']}"
+    kind = env.get("int8_kernels", "unknown")
+    line = f"{kind} on this CPU ({isa})"
+    if kind.startswith("saturating"):
+        line += (
+            "; layers whose 8-bit codes and 8-bit weights could overflow int16 pairs run the exact "
+            "*split* scheme (two 7-bit halves of every code, twice the integer work), the others "
+            "one *direct* call: same bits and results as a VNNI CPU"
+        )
+    return line
 
 
 def _bench_batch(records: list[dict[str, Any]]) -> str:

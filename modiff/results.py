@@ -11,8 +11,9 @@ import torch
 
 from modiff.io import atomic_output, load_images
 
-# Metadata that may differ between the shards of one variant.
-_PER_SHARD = ("indices", "shard")
+# Metadata that may differ between the shards of one variant. Shards sampled on other CPUs
+# (cluster nodes) record other ISAs: the native kernels are exact on each, so they merge.
+_PER_SHARD = ("indices", "shard", "kernels")
 
 
 def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -34,6 +35,11 @@ def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
     meta = {k: v for k, v in first_meta.items() if k not in _PER_SHARD}
     meta["indices"] = [0, expected_start]
     meta["shards"] = len(loaded)
+    kernels = []
+    for _, shard_meta, _ in loaded:
+        if shard_meta.get("kernels") not in kernels:
+            kernels.append(shard_meta.get("kernels"))
+    meta["kernels"] = kernels[0] if len(kernels) == 1 else kernels  # a list: CPUs differed
     return np.concatenate([images for images, _, _ in loaded]), meta
 
 
@@ -65,6 +71,8 @@ def variant_record(metrics: dict[str, Any], bench_rows: list[dict[str, Any]]) ->
         "w_bits": metrics.get("w_bits", 32),
         "a_bits": metrics.get("a_bits", 32),
         "backend": metrics["backend"],
+        "device": metrics.get("device"),
+        "kernels": metrics.get("kernels"),  # CPU ISA; native: exact or saturating, schemes
         "n_samples": metrics["n_samples"],
         "steps": metrics["steps"],
         "fid": metrics["fid"],

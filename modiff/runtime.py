@@ -1,9 +1,11 @@
-"""Process-wide settings every command applies the same way: logging, threads, device."""
+"""Process-wide settings every command applies the same way: logging, threads, and where the
+work runs (device and quantized backend, resolved once by :func:`resolve_execution`)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -65,3 +67,34 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is available; use cpu/auto")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where a command's model runs: the device, and for a quantized model its backend."""
+
+    device: torch.device
+    backend: str | None  # None: a float model
+
+    def describe(self) -> str:
+        return f"{'FP32' if self.backend is None else self.backend + ' backend'} on {self.device}"
+
+
+def resolve_execution(device: str, backend: str | None = None) -> Execution:
+    """The one place that decides where models run, from params.yaml's ``device`` and a
+    quantized model's ``backend`` (None for FP32).
+
+    The native backend's integer kernels are CPU kernels: on CUDA a quantized model runs the
+    simulated backend (the same quantization, in float), and every record names it so.
+    """
+    resolved = resolve_device(device)
+    if backend == "native" and resolved.type != "cpu":
+        log.warning(
+            "the native backend's int8 kernels run on the CPU only: on %s this model runs the "
+            "'simulated' backend (fake quantization in float); records name it so",
+            resolved,
+        )
+        backend = "simulated"
+    execution = Execution(resolved, backend)
+    log.info("running %s (device setting %r)", execution.describe(), device)
+    return execution

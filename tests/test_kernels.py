@@ -17,7 +17,7 @@ from torch import nn
 
 from modiff.quant import QuantConfig, kernels
 from modiff.quant.fused import split_codes_eager
-from modiff.quant.layers import LayerParams, QuantLayer, native_schemes
+from modiff.quant.layers import LayerParams, QuantLayer, kernel_record, native_schemes
 from modiff.quant.quantizer import act_grid, weight_grid
 
 pytestmark = [
@@ -143,6 +143,10 @@ def test_scheme_follows_what_the_probe_found():
             too_large = grid[0] == 8 and grid[1] == 8
             assert layer.scheme == ("split" if too_large and not probe.exact(kind) else "direct")
             assert native_schemes(nn.Sequential(layer)) == {layer.scheme: 1}
+            record = kernel_record(nn.Sequential(layer))
+            assert record["schemes"] == {layer.scheme: 1}
+            assert record["int8_kernels"] == probe.describe()
+            assert record["cpu_isa"] == kernels.cpu_isa()
             assert f"W{grid[0]}A{grid[1]}" in repr(layer) and layer.scheme in repr(layer)
 
 
@@ -155,14 +159,15 @@ def test_probe_agrees_with_the_cpu():
     x86 = bool({"avx2", "sse4_1"} & flags)
     vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
     described = probe.describe()
-    assert described["cpu_isa"] == kernels.cpu_isa()
+    assert kernels.isa_record()["cpu_isa"] == kernels.cpu_isa()
     if x86 and (cap in ("SSE41", "AVX", "AVX2") or not vnni):
         assert not probe.conv_exact and not probe.linear_exact
-        assert described["int8_kernels"] == "saturating (int16 pairs)"
+        assert described == "saturating (int16 pairs)"
     elif {"avx512_vnni", "amx_int8"} & flags and not cap:
         assert probe.conv_exact and probe.linear_exact
-        assert described["int8_kernels"] == "exact"
-    assert described["onednn_max_cpu_isa"] == (os.environ.get("ONEDNN_MAX_CPU_ISA") or None)
+        assert described == "exact"
+    cap_recorded = kernels.isa_record()["onednn_max_cpu_isa"]
+    assert cap_recorded == (os.environ.get("ONEDNN_MAX_CPU_ISA") or None)
 
 
 def test_split_scheme_is_needed_only_where_int16_pairs_overflow():

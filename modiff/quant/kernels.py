@@ -75,14 +75,13 @@ class KernelProbe:
     def exact(self, kind: str) -> bool:
         return self.conv_exact if kind == "conv" else self.linear_exact
 
-    def describe(self) -> dict[str, str | bool | None]:
-        """For every record of a native run: the CPU, the ISA cap and the kernels' kind."""
-        exact = self.conv_exact and self.linear_exact
-        return {
-            "cpu_isa": cpu_isa(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
-            "int8_kernels": "exact" if exact else "saturating (int16 pairs)",
-        }
+    def describe(self) -> str:
+        return "exact" if self.conv_exact and self.linear_exact else "saturating (int16 pairs)"
+
+
+def isa_record() -> dict[str, str | None]:
+    """The CPU's ISA and oneDNN's cap on it (``ONEDNN_MAX_CPU_ISA``), for every record."""
+    return {"cpu_isa": cpu_isa(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
 
 
 def fits_int16_pairs(code_max: int, w_min: int, w_max: int) -> bool:
@@ -127,7 +126,7 @@ def probe() -> KernelProbe:
                 "use backend 'simulated'"
             )
     result = KernelProbe(conv_exact, linear_exact)
-    log.info("int8 kernels on %s: %s", cpu_isa(), result.describe()["int8_kernels"])
+    log.info("int8 kernels on %s: %s", cpu_isa(), result.describe())
     return result
 
 

@@ -356,6 +356,17 @@ def native_schemes(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def kernel_record(model: nn.Module) -> dict:
+    """What ran ``model``, for its records: the CPU's ISA (and oneDNN's cap on it); where layers
+    run the native kernels, also whether those are exact or saturating here and how many layer
+    parts run each scheme."""
+    record: dict = kernels.isa_record()
+    schemes = native_schemes(model)
+    if schemes:
+        record.update(int8_kernels=kernels.probe().describe(), schemes=schemes)
+    return record
+
+
 def cache_bytes(model: nn.Module) -> int:
     """Bytes held by all modulation caches of ``model``."""
     return sum(m.cache_bytes() for m in model.modules() if isinstance(m, QuantLayer))
