@@ -1,5 +1,6 @@
 # One command to set up and run the main job, one to set up and run the tests.
-#   make report   creates .venv, installs modiff, runs the pipeline on the offline default preset
+#   make report   creates .venv, installs modiff (with the peer engines), runs the pipeline on
+#                 the offline default preset
 #   make test     creates .venv, installs modiff with test extras, runs ruff and the whole test suite
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,peers]'
 	touch $@
 
 setup: $(VENV)/.installed

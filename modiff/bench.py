@@ -11,6 +11,7 @@ UNet was 2-4% faster still here; see the README).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import multiprocessing as mp
@@ -27,12 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from modiff.diffusion import beta_schedule, ddim_sample, timestep_sequence
+from modiff.diffusion import beta_schedule, ddim_sample
 from modiff.quant import kernels
 from modiff.quant.layers import cache_bytes, native_schemes
 from modiff.runtime import release_freed_memory
+from modiff.timesteps import timestep_sequence
 
 log = logging.getLogger(__name__)
+ACCURACY_INPUTS = 256  # calibration inputs for the INT8 accuracy check (each method, same ones)
+TIMING_CALIB_VALUES = 1 << 12  # values per layer input for the scale search of timing variants
 
 VariantBuilder = Callable[[nn.Module], nn.Module]
 
@@ -54,6 +58,15 @@ class BenchSettings:
     steps: int = 6  # model calls per trajectory; the first is excluded from the median
     threads: int = 2
     memory: bool = True
+
+
+def timing_calibration(in_channels: int, image_size: int, n: int = 8) -> dict[str, torch.Tensor]:
+    """Random model inputs for static scales and peers' INT8 calibration where only speed is
+    measured (their values change the accuracy, not the speed)."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(n, in_channels, image_size, image_size, generator=g)
+    ts = torch.randint(0, 990, (n,), generator=g).float()
+    return {"xs": xs, "ts": ts, "xs_prev": 1.01 * xs, "ts_prev": ts + 10}
 
 
 class _CallTimer(nn.Module):
@@ -132,9 +145,8 @@ def time_variants(
         for _ in range(settings.repetitions):
             for name, model in models.items():
                 times[name].append(_trajectory_step_time(model, case, batch, settings.steps))
-        for name in models:
+        for name in models:  # caches as the last trajectory left them: as sampling does
             ratios = [f / v for f, v in zip(times["fp32"], times[name], strict=True)]
-            _trajectory_step_time(models[name], case, batch, 2)  # caches as sampling leaves them
             median_s = statistics.median(times[name])
             rows.append(
                 {
@@ -151,9 +163,10 @@ def time_variants(
                     "fp32_layout": fp32_best.__name__.removeprefix("_"),
                 }
             )
-    if settings.memory:
+    if settings.memory:  # a fresh process per variant, at the largest batch size
         for row in rows:
-            row.update(peak_memory(case, variants[row["variant"]], row["batch"], settings))
+            if row["batch"] == max(settings.batch_sizes):
+                row.update(peak_memory(case, variants[row["variant"]], row["batch"], settings))
     return rows
 
 
@@ -161,10 +174,10 @@ def _pick_fp32_layout(case: BenchCase, settings: BenchSettings) -> VariantBuilde
     """FP32 in its faster eager layout on this machine: NCHW or channels-last."""
     batch = max(settings.batch_sizes)
     best, best_t = _fp32, float("inf")
-    for build in (_fp32, _fp32_channels_last):
+    for build in (_fp32, _fp32_channels_last):  # the layouts differ by about 2x, or not at all
         model = build(_build(case))
         _trajectory_step_time(model, case, batch, 2)
-        t = min(_trajectory_step_time(model, case, batch, 3) for _ in range(2))
+        t = _trajectory_step_time(model, case, batch, 2)
         if t < best_t:
             best, best_t = build, t
     return best
@@ -191,7 +204,7 @@ def _peak_memory_child(case, build, batch, settings, queue) -> None:
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    _trajectory_step_time(model, case, batch, 3)
+    _trajectory_step_time(model, case, batch, 2)  # MoDiff's caches are full from the first call
     done.set()
     poller.join()
     peak = max(peak, _rss_bytes())
@@ -253,52 +266,186 @@ def environment() -> dict[str, Any]:
     }
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| model | weights | variant | int8 scheme | batch | ms/step | img/s | x FP32 "
-        "| sampling MB | peak RSS MB | cache MB/img |"
-    )
-    lines = [header, "|" + "---|" * 11]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['weights']} | {r['variant']} | {format_schemes(r.get('schemes'))}"
-            f" | {r['batch']} | {r['step_ms']:.2f} | {r['images_per_s']:.1f}"
-            f" | {r['speedup_vs_fp32']:.2f} | {r.get('sampling_mem_mb', '-')}"
-            f" | {r.get('peak_rss_mb', '-')} | {r.get('cache_mb_per_image', '-')} |"
-        )
-    return "\n".join(lines)
-
-
-def format_schemes(schemes: dict[str, int] | None) -> str:
-    """Native layer parts per kernel scheme, e.g. ``split 67, direct 58``; ``-`` for none."""
-    if not schemes:
-        return "-"
-    return ", ".join(f"{name} {count}" for name, count in sorted(schemes.items(), reverse=True))
-
-
 class QuantizedVariant:
     """A benchmark variant: the model quantized by ``config`` (picklable for the memory probe).
 
-    Static scales are calibrated on a few random model inputs: their values do not change
-    the speed, only the accuracy, which the pipeline measures separately.
+    Static scales are calibrated on ``calibration`` (default: :func:`timing_calibration`).
+    With ``cache_dir`` the parameters are saved there once and loaded (checked against the
+    model's weights) by later builds, such as the memory probe's fresh processes.
     """
 
-    def __init__(self, config: Any, channels_last: bool = True):
+    def __init__(
+        self,
+        config: Any,
+        calibration: dict | None = None,
+        channels_last: bool = True,
+        cache_dir: str | None = None,
+    ):
         self.config = config
+        self.calibration = calibration
         self.channels_last = channels_last
+        self.cache_dir = cache_dir
         self.__name__ = "quantized"
 
     def __call__(self, model: nn.Module) -> nn.Module:
-        from modiff.quant import quantize_
+        import hashlib
+        import json
+        from pathlib import Path
 
-        calibration = None
-        if self.config.a_scale == "static":
-            g = torch.Generator().manual_seed(0)
-            res, ch = model.resolution, model.in_channels
-            xs = torch.randn(8, ch, res, res, generator=g)
-            ts = torch.randint(0, 990, (8,), generator=g).float()
-            calibration = {"xs": xs, "ts": ts, "xs_prev": 1.01 * xs, "ts_prev": ts + 10}
-        model = quantize_(model, self.config, calibration)
+        from modiff.quant import quantize_
+        from modiff.quant.api import (
+            load_quantized,
+            save_quant_params,
+            target_layers,
+            weights_fingerprint,
+        )
+
+        key = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        cached = Path(self.cache_dir) / f"{key.hexdigest()[:16]}.pt" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            model, _ = load_quantized(model, cached)
+        else:
+            fingerprint = weights_fingerprint(model, list(target_layers(model, self.config)))
+            config, calibration = self.config, None
+            if config.a_scale == "static" and self.calibration is not None:
+                calibration = self.calibration
+            elif config.a_scale == "static":  # timing only: a small scale search will do
+                calibration = timing_calibration(model.in_channels, model.resolution)
+                config = dataclasses.replace(config, calib_max_values=TIMING_CALIB_VALUES)
+            model = quantize_(model, config, calibration)
+            if cached is not None:
+                save_quant_params(model, self.config, fingerprint, cached)
         if self.channels_last:
             return _ChannelsLast(model.to(memory_format=torch.channels_last))
         return model
+
+
+# --- the benchmark of the pipeline ---------------------------------------------------------------
+
+
+def variants_by_name(
+    names: list[str], calibration: dict | None = None, cache_dir: str | None = None
+) -> dict[str, VariantBuilder]:
+    """Benchmark variants by name, e.g. ``w8a8-native`` (quantized, static scales) or
+    ``w8a8-native-modiff`` (with MoDiff modulation)."""
+    import re
+
+    from modiff.quant import QuantConfig
+
+    variants: dict[str, VariantBuilder] = {}
+    for name in names:
+        match = re.fullmatch(r"w(\d)a(\d)-(native|simulated)(-dynamic)?(-modiff)?", name)
+        if not match:
+            raise ValueError(
+                f"bench variant '{name}' is not of the form w8a8-native[-dynamic][-modiff]"
+            )
+        w, a, backend, dynamic, modiff = match.groups()
+        config = QuantConfig(w_bits=int(w), a_bits=int(a), backend=backend,
+                             a_scale="dynamic" if dynamic else "static",
+                             modulation="compensated" if modiff else "none")  # fmt: skip
+        variants[name] = QuantizedVariant(config, calibration, cache_dir=cache_dir)
+    return variants
+
+
+def grid_variants(
+    params: dict[str, Any], cache_dir: str | None = None
+) -> dict[str, VariantBuilder]:
+    """Benchmark variants for params.yaml's variant grid, by the grid's names."""
+    from modiff.quant import QuantConfig
+
+    return {
+        v["name"]: QuantizedVariant(
+            QuantConfig.from_variant(v, params["quant"]), cache_dir=cache_dir
+        )
+        for v in params["variants"]
+    }
+
+
+def peer_variants(
+    engines: list[str], workdir: str, threads: int, calibration: dict, int8_only: bool = False
+) -> dict[str, VariantBuilder]:
+    """The available engines' variants (``modiff.peers``), by their row names."""
+    from modiff.peers import ENGINES, PeerVariant, unavailable
+
+    skipped = unavailable(engines)
+    return {
+        name: PeerVariant(name, workdir, threads, calibration)
+        for engine in engines
+        if engine not in skipped
+        for name in ENGINES[engine]
+        if name.endswith("int8") or not int8_only
+    }
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's benchmark: the variant grid on the preset model (largest batch size), the
+    ``bench.variants`` and peers on CIFAR-10's UNet, and the INT8 accuracy of each against FP32
+    on the preset model's calibration inputs."""
+    import tempfile
+
+    from modiff.checkpoint import load_state_dict
+    from modiff.config import checkpoint_path, preset_config
+    from modiff.peers import unavailable
+
+    b = params["bench"]
+    settings = BenchSettings(batch_sizes=b["batch_sizes"], repetitions=b["repetitions"],
+                             steps=b["steps"], threads=params["threads"])  # fmt: skip
+    preset = preset_config(params)
+    ck = checkpoint_path(preset["name"])
+    state = load_state_dict(ck) if ck.is_file() else None
+    preset_case = BenchCase(preset["name"], preset, "checkpoint" if state else "random", state)
+    skipped = unavailable(b["peers"])
+    for engine, reason in skipped.items():
+        log.warning("peer %s skipped: %s", engine, reason)
+    rows, accuracy = [], []
+    with tempfile.TemporaryDirectory(prefix="modiff-peers-") as workdir:
+        if preset["name"] != "cifar10":  # speed only: a small model's memory says little
+            grid = dataclasses.replace(settings, batch_sizes=[max(b["batch_sizes"])], memory=False)
+            rows += _time_case(preset_case, grid_variants(params), grid)
+        if b["cifar10"] or preset["name"] == "cifar10":
+            cifar = preset_config(params, "cifar10")
+            case = BenchCase("cifar10", cifar, "random (timing only)")
+            calibration = timing_calibration(cifar["model"]["in_channels"],
+                                             cifar["data"]["image_size"])  # fmt: skip
+            variants = {**variants_by_name(b["variants"], cache_dir=f"{workdir}/cifar10"),
+                        **peer_variants(b["peers"], f"{workdir}/cifar10", settings.threads,
+                                        calibration)}  # fmt: skip
+            rows += _time_case(case, variants, settings)
+        if state is not None:
+            accuracy = int8_accuracy(preset_case, b, settings.threads, f"{workdir}/accuracy")
+    return {
+        "environment": environment(),
+        "settings": vars(settings),
+        "peers": {"requested": b["peers"], "skipped": skipped},
+        "rows": rows,
+        "accuracy": accuracy,
+    }
+
+
+def _time_case(case: BenchCase, variants: dict, settings: BenchSettings) -> list[dict]:
+    log.info("timing %s (%s weights) at batch %s: %s", case.name, case.weights,
+             settings.batch_sizes, ", ".join(variants))  # fmt: skip
+    return time_variants(case, variants, settings)
+
+
+def int8_accuracy(case: BenchCase, bench: dict, threads: int, workdir: str) -> list[dict]:
+    """eps error against FP32 on calibration inputs of ``case``'s (trained) model: each
+    unmodulated ``bench.variants`` entry, its simulated twin (the native one must match it) and
+    every available peer's INT8, all calibrated on the same inputs."""
+    from modiff.peers import QDQ_IN_FLOAT, PeerVariant, eps_errors
+    from modiff.quant.calibration import collect_calibration
+
+    c = case.config["calibration"]
+    n = min(c["cali_n"], -(-ACCURACY_INPUTS // c["cali_st"]))  # trajectories for ~256 inputs
+    log.info("INT8 accuracy on %s: %d calibration inputs from FP32 trajectories", case.name,
+             n * c["cali_st"])  # fmt: skip
+    calibration = collect_calibration(_build(case), case.config, cali_st=c["cali_st"], cali_n=n,
+                                      seed=0, batch_size=c["batch_size"])  # fmt: skip
+    names = [n for n in bench["variants"] if not n.endswith("-modiff")]
+    names += [n.replace("-native", "-simulated") for n in names if "-native" in n]
+    peers = peer_variants(bench["peers"], workdir, threads, calibration, int8_only=True)
+    if "onnxruntime-int8" in peers:  # the same QDQ model without int8 kernels: saturation's cost
+        peers[QDQ_IN_FLOAT] = PeerVariant(QDQ_IN_FLOAT, workdir, threads, calibration)
+    builders = {**variants_by_name(list(dict.fromkeys(names)), calibration), **peers}
+    models = {name: build(_build(case)) for name, build in builders.items()}
+    return eps_errors(_build(case), models, calibration)

@@ -7,7 +7,6 @@ inputs and outputs are arguments. Everything is validated before any work starts
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -304,76 +303,16 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    """Per-step latency, images/s and peak memory for the preset model and CIFAR-10's UNet."""
-    from modiff.bench import BenchCase, BenchSettings, environment, format_table, time_variants
-    from modiff.checkpoint import load_state_dict
-    from modiff.config import checkpoint_path, preset_config
+    """Per-step latency, images/s and peak memory for the preset model and CIFAR-10's UNet, next
+    to other engines (bench.peers), and each INT8 variant's accuracy against FP32."""
+    from modiff.bench import run
+    from modiff.report import format_table
 
-    params, preset = _settings(args)
-    b = params["bench"]
-    settings = BenchSettings(
-        batch_sizes=b["batch_sizes"],
-        repetitions=b["repetitions"],
-        steps=b["steps"],
-        threads=params["threads"],
-    )
+    params, _ = _settings(args)
     _configure_process(params)
-    cases = []
-    ck = checkpoint_path(preset["name"])
-    if preset["name"] != "cifar10":
-        state = load_state_dict(ck) if ck.is_file() else None
-        cases.append(BenchCase(preset["name"], preset, "checkpoint" if state else "random", state))
-    if b["cifar10"] or preset["name"] == "cifar10":
-        cifar = preset_config(params, "cifar10")
-        cases.append(BenchCase("cifar10", cifar, "random (timing only)"))
-    rows = []
-    for case in cases:
-        if case.name == "cifar10":
-            variants, case_settings = bench_variants(b["variants"]), settings
-        else:  # the grid's variants on the preset model, at the largest batch size
-            variants = grid_variants(params)
-            case_settings = dataclasses.replace(settings, batch_sizes=[max(b["batch_sizes"])])
-        log.info("timing %s (%s weights) at batch %s: %s", case.name, case.weights,
-                 case_settings.batch_sizes, ", ".join(variants))  # fmt: skip
-        rows += time_variants(case, variants, case_settings)
-    print(format_table(rows))
-    _write_metrics(
-        {"environment": environment(), "settings": vars(settings), "rows": rows}, args.out
-    )
-
-
-def grid_variants(params: dict[str, Any]) -> dict[str, Any]:
-    """Benchmark variants for params.yaml's variant grid, by the grid's names."""
-    from modiff.bench import QuantizedVariant
-    from modiff.quant import QuantConfig
-
-    return {
-        v["name"]: QuantizedVariant(QuantConfig.from_variant(v, params["quant"]))
-        for v in params["variants"]
-    }
-
-
-def bench_variants(names: list[str]) -> dict[str, Any]:
-    """Benchmark variants by name, e.g. ``w8a8-native`` (quantized, static scales) or
-    ``w8a8-native-modiff`` (with MoDiff modulation)."""
-    import re
-
-    from modiff.bench import QuantizedVariant
-    from modiff.quant import QuantConfig
-
-    variants = {}
-    for name in names:
-        match = re.fullmatch(r"w(\d)a(\d)-(native|simulated)(-dynamic)?(-modiff)?", name)
-        if not match:
-            raise ValueError(
-                f"bench variant '{name}' is not of the form w8a8-native[-dynamic][-modiff]"
-            )
-        w, a, backend, dynamic, modiff = match.groups()
-        config = QuantConfig(w_bits=int(w), a_bits=int(a), backend=backend,
-                             a_scale="dynamic" if dynamic else "static",
-                             modulation="compensated" if modiff else "none")  # fmt: skip
-        variants[name] = QuantizedVariant(config)
-    return variants
+    result = run(params)
+    print(format_table(result["rows"]))
+    _write_metrics(result, args.out)
 
 
 def _variant_files(params: dict[str, Any], folder: str, suffix: str) -> list[str]:
@@ -545,16 +484,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from modiff.checkpoint import CheckpointError
-    from modiff.config import ConfigError
-    from modiff.fetch import FetchError
-    from modiff.metrics import MetricsOfflineError
+    from modiff.errors import UserError
 
-    user_errors = (ConfigError, FileNotFoundError, FetchError, CheckpointError, MetricsOfflineError,
-                   ValueError)  # fmt: skip
     try:
         args.func(args)
-    except user_errors as exc:
+    except (UserError, FileNotFoundError, ValueError) as exc:  # ConfigError, CheckpointError, ...
         if args.verbose:
             raise
         print(f"modiff {args.command}: error: {exc}", file=sys.stderr)

@@ -56,7 +56,7 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _semantic_problems(params: dict[str, Any]) -> list[str]:
-    from modiff.diffusion import timestep_sequence
+    from modiff.timesteps import timestep_sequence
 
     problems = []
     if params["preset"] not in params["presets"]:

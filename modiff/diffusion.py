@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from modiff.timesteps import timestep_sequence
 
-SKIP_TYPES = ("uniform", "quad")
+log = logging.getLogger(__name__)
 
 
 def beta_schedule(config: dict[str, Any]) -> torch.Tensor:
@@ -47,24 +47,6 @@ def alpha_bar(betas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """prod_{i<=t}(1 - beta_i) as a float32 cumprod with a 0 prepended, so alpha_bar(-1) = 1."""
     padded = torch.cat([torch.zeros(1, device=betas.device, dtype=betas.dtype), betas])
     return (1 - padded).cumprod(dim=0).index_select(0, t.long() + 1).view(-1, 1, 1, 1)
-
-
-def timestep_sequence(steps: int, skip_type: str, num_diffusion_timesteps: int = 1000) -> list[int]:
-    """DDIM's time-step subsequence; ``quad`` keeps its duplicate leading zeros on purpose."""
-    if steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    if skip_type == "uniform":
-        skip = num_diffusion_timesteps // steps
-        if skip == 0:
-            raise ValueError(
-                f"uniform skip with {steps} steps over {num_diffusion_timesteps} diffusion steps "
-                f"yields no sequence; use at most {num_diffusion_timesteps} steps"
-            )
-        return list(range(0, num_diffusion_timesteps, skip))
-    if skip_type == "quad":
-        seq = np.linspace(0, np.sqrt(num_diffusion_timesteps * 0.8), steps) ** 2
-        return [int(s) for s in seq]
-    raise ValueError(f"skip_type '{skip_type}' is unknown; use one of {SKIP_TYPES}")
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]

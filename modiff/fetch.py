@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from modiff.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20  # 1 MiB
@@ -38,7 +40,7 @@ _RESOLUTION_FAILURES = (
 )
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A source could not be fetched and verified."""
 
 

@@ -34,6 +34,7 @@ from modiff.classifier import (
     single_threaded,
 )
 from modiff.data import digits_images
+from modiff.errors import UserError
 from modiff.fetch import file_digest
 
 PRESETS = ("digits", "cifar10")
@@ -45,7 +46,7 @@ INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILE = os.path.basename(urlparse(URL_INCEPTION_V3).path)
 
 
-class MetricsOfflineError(RuntimeError):
+class MetricsOfflineError(UserError, RuntimeError):
     """A file the metric needs is neither available locally nor downloadable (no network)."""
 
 

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modiff.bench import format_schemes, format_table
 from modiff.io import atomic_output
 
 METHODS = {"qdiff": "Q-Diffusion", "modiff": "Q-Diffusion + MoDiff"}
@@ -40,6 +39,29 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
             cells.append(_fmt(hit[0][key], digits) if hit else "")
         lines.append(f"| {METHODS[method]}, {scale} scales | " + " | ".join(cells) + " |")
     return lines
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| model | weights | variant | int8 scheme | batch | ms/step | img/s | x FP32 "
+        "| sampling MB | peak RSS MB | cache MB/img |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['weights']} | {r['variant']} | {format_schemes(r.get('schemes'))}"
+            f" | {r['batch']} | {r['step_ms']:.2f} | {r['images_per_s']:.1f}"
+            f" | {r['speedup_vs_fp32']:.2f} | {r.get('sampling_mem_mb', '-')}"
+            f" | {r.get('peak_rss_mb', '-')} | {r.get('cache_mb_per_image', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def format_schemes(schemes: dict[str, int] | None) -> str:
+    """Native layer parts per kernel scheme, e.g. ``split 67, direct 58``; ``-`` for none."""
+    if not schemes:
+        return "-"
+    return ", ".join(f"{name} {count}" for name, count in sorted(schemes.items(), reverse=True))
 
 
 def _kernels(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -158,11 +180,14 @@ def write_report(
             "## Speed on the CIFAR-10 UNet (timing only: random weights)",
             "",
             "Per DDIM step, median of paired repetitions; x FP32 is the median ratio against FP32 "
-            "in the same repetition; memory is measured in a fresh process.",
+            f"in the same repetition; memory is measured in a fresh process. CPU ISA "
+            f"{env.get('cpu_isa', '?')}, int8 kernels {env.get('int8_kernels', '?')}.",
             "",
             format_table(cifar),
             "",
+            *peer_lines(bench),
         ]
+    lines += accuracy_lines(bench, preset["name"])
     lines += ["## Samples", "", "Same x_T per image index in every variant.", ""]
     for g in grid_files:
         lines += [f"**{Path(g).stem}**", "", f"![{Path(g).stem}]({_rel(g, out.parent)})", ""]
@@ -171,6 +196,42 @@ def write_report(
         lines.append(f"- [{f}]({_rel(f, out.parent)})")
     with atomic_output(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def peer_lines(bench: dict[str, Any]) -> list[str]:
+    """Which other engines ran beside modiff, and why the others did not."""
+    peers = bench.get("peers") or {"requested": [], "skipped": {}}
+    ran = [e for e in peers["requested"] if e not in peers["skipped"]]
+    lines = []
+    if ran:
+        lines.append(f"Other engines in the same paired runs: {', '.join(ran)} (`modiff.peers`).")
+    for engine, reason in peers["skipped"].items():
+        lines.append(f"- **{engine} did not run**: {reason}.")
+    if not peers["requested"]:
+        lines.append("No other engines ran (params.yaml `bench.peers` is empty).")
+    return [*lines, ""] if lines else []
+
+
+def accuracy_lines(bench: dict[str, Any], preset: str) -> list[str]:
+    """The INT8 accuracy table: eps error against FP32 on the preset model's inputs."""
+    rows = bench.get("accuracy") or []
+    if not rows:
+        return []
+    lines = [
+        f"## INT8 accuracy on the {preset} model",
+        "",
+        f"eps error against FP32 on {rows[0]['n_inputs']} calibration inputs (x_t, t) from FP32 "
+        "trajectories; every method calibrated on the same inputs. A native variant equals its "
+        "simulated twin up to float rounding on every CPU; engines whose int8 kernels saturate "
+        "(no VNNI) show it here.",
+        "",
+        "| variant | rel. rms error | max abs error |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['eps_rel_rms_vs_fp32']:.5f} "
+                     f"| {r['eps_max_abs_vs_fp32']:.4f} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _isa_line(env: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from modiff.io import atomic_output, load_images
 
@@ -45,6 +44,8 @@ def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
 
 def add_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     """uint8 images plus Gaussian noise of std ``sigma`` on the [-1, 1] scale, re-quantized."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(images).float() / 127.5 - 1.0
     x = x + sigma * torch.randn(x.shape, generator=g)

@@ -1,13 +1,18 @@
 """Process-wide settings every command applies the same way: logging, threads, and where the
-work runs (device and quantized backend, resolved once by :func:`resolve_execution`)."""
+work runs (device and quantized backend, resolved once by :func:`resolve_execution`).
+
+torch is imported where used: commands that never touch it (merge, grid, report) start fast.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,8 @@ def configure_process(threads: int) -> None:
 
     Fixed threads because float sums (and so samples) are bit-exact only at equal threads.
     """
+    import torch
+
     torch.set_num_threads(threads)
     keep_freed_memory()
 
@@ -62,6 +69,8 @@ def release_freed_memory() -> None:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present, else the CPU; asking for absent CUDA is an error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

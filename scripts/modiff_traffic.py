@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from modiff.bench import BenchCase, BenchSettings, time_variants
-from modiff.cli import bench_variants
+from modiff.bench import BenchCase, BenchSettings, time_variants, variants_by_name
 from modiff.config import load_params, preset_config
 from modiff.models import build_model
 from modiff.quant.layers import QuantLayer, reset_caches
@@ -30,7 +29,7 @@ PLAIN, MODIFF = "w8a8-native", "w8a8-native-modiff"
 
 def extra_bytes_per_image(config: dict) -> tuple[float, float]:
     """(bytes MoDiff moves per image and step beyond plain INT8, bytes of the conv's copies)."""
-    model = bench_variants([MODIFF])[MODIFF](build_model(config).eval())
+    model = variants_by_name([MODIFF])[MODIFF](build_model(config).eval())
     with torch.inference_mode():  # one warm-up call at batch 1 fills every cache
         reset_caches(model)
         size = config["data"]["image_size"]
@@ -68,7 +67,9 @@ def main() -> None:
     settings = BenchSettings([args.batch], args.repetitions, steps=4, threads=params["threads"],
                              memory=False)  # fmt: skip
     case = BenchCase("cifar10", config, "random (timing only)")
-    rows = {r["variant"]: r for r in time_variants(case, bench_variants([PLAIN, MODIFF]), settings)}
+    rows = {
+        r["variant"]: r for r in time_variants(case, variants_by_name([PLAIN, MODIFF]), settings)
+    }
     plain_ms, modiff_ms = rows[PLAIN]["step_ms"], rows[MODIFF]["step_ms"]
     floor_ms = plain_ms + args.batch * traffic / bandwidth * 1e3
     with_copies_ms = floor_ms + args.batch * copies / bandwidth * 1e3

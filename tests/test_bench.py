@@ -6,14 +6,13 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from modiff.bench import BenchCase, BenchSettings, time_variants
-from modiff.cli import bench_variants
+from modiff.bench import BenchCase, BenchSettings, time_variants, variants_by_name
 from modiff.models import build_model
 
 
 def test_bench_times_fp32_int8_and_modiff_in_one_paired_run():
     case = BenchCase("tiny", tiny_config(), "random (timing only)")
-    variants = bench_variants(["w8a8-native", "w8a8-native-modiff", "w8a4-simulated-dynamic"])
+    variants = variants_by_name(["w8a8-native", "w8a8-native-modiff", "w8a4-simulated-dynamic"])
     settings = BenchSettings(batch_sizes=[2], repetitions=2, steps=3, memory=False)
     rows = time_variants(case, variants, settings)
     by_name = {r["variant"]: r for r in rows}
@@ -26,7 +25,7 @@ def test_bench_times_fp32_int8_and_modiff_in_one_paired_run():
 
 def test_bad_bench_variant_name():
     with pytest.raises(ValueError, match="w8a8-native"):
-        bench_variants(["int8"])
+        variants_by_name(["int8"])
 
 
 def _load_script(name: str):
@@ -58,3 +57,38 @@ def test_traffic_floor_counts_every_layer_input_and_output():
     assert counts["out3x3"] > 0
     assert traffic == 8 * counts["in"] + 4 * counts["out"]
     assert copies == 8 * counts["out3x3"]
+
+
+@pytest.mark.slow
+def test_benchmark_of_the_pipeline_records_accuracy_and_skipped_peers(monkeypatch, tmp_path):
+    """`modiff bench`'s whole run on small settings: the grid on the digits model, the INT8
+    accuracy of native and simulated twins, and a peer that cannot run is named, not dropped."""
+    from conftest import ROOT
+
+    from modiff import bench, peers
+    from modiff.config import load_params
+
+    monkeypatch.chdir(tmp_path)  # the digits checkpoint where `modiff fetch` puts it
+    (tmp_path / "data/checkpoints").mkdir(parents=True)
+    (tmp_path / "data/checkpoints/digits.ckpt").write_bytes(
+        (ROOT / "data/pretrained/digits_ddim.pt").read_bytes()
+    )
+    monkeypatch.setattr(peers, "unavailable", lambda engines: {e: "not here" for e in engines})
+    grid = ('[{"name": "qdiff-dynamic-w8a8", "method": "qdiff", "a_scale": "dynamic", '
+            '"w_bits": 8, "a_bits": 8}]')  # fmt: skip
+    params = load_params(ROOT / "params.yaml", [
+        f"variants={grid}", "bench.batch_sizes=[2]", "bench.repetitions=1", "bench.steps=2",
+        "bench.cifar10=false", "bench.variants=[w8a8-native]", "bench.peers=[openvino]",
+        "presets.digits.calibration.cali_st=4", "presets.digits.sampling.steps=8",
+    ])  # fmt: skip
+    result = bench.run(params)
+    assert result["peers"] == {"requested": ["openvino"], "skipped": {"openvino": "not here"}}
+    assert [r["variant"] for r in result["rows"]] == ["fp32", "qdiff-dynamic-w8a8"]
+    assert result["rows"][1]["schemes"]  # the native layers say which scheme they ran
+    accuracy = {r["variant"]: r for r in result["accuracy"]}
+    assert set(accuracy) == {"w8a8-native", "w8a8-simulated"}
+    native, simulated = (
+        accuracy[n]["eps_rel_rms_vs_fp32"] for n in ("w8a8-native", "w8a8-simulated")
+    )
+    assert 0 < simulated < 0.5 and abs(native - simulated) < 0.05 * simulated
+    assert result["environment"]["cpu_isa"] and result["environment"]["int8_kernels"]

@@ -11,10 +11,10 @@ from modiff.diffusion import (
     ddim_sample,
     inverse_data_transform,
     sample_images,
-    timestep_sequence,
     to_uint8,
 )
 from modiff.models import build_model
+from modiff.timesteps import timestep_sequence
 
 
 def test_quad_sequences_keep_duplicates():

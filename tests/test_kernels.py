@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from modiff.quant import QuantConfig, kernels
-from modiff.quant.fused import split_codes_eager
 from modiff.quant.layers import LayerParams, QuantLayer, kernel_record, native_schemes
 from modiff.quant.quantizer import act_grid, weight_grid
 
@@ -177,7 +176,7 @@ def test_split_scheme_is_needed_only_where_int16_pairs_overflow():
     assert not kernels.fits_int16_pairs(255, -65, 64)
     for zp in range(256):  # both halves of every code lie in 0..128 and sum to its value
         codes = torch.arange(256, dtype=torch.uint8)[None]
-        halves = split_codes_eager(codes, zp, -1).short()
+        halves = kernels.split_codes(codes, zp, -1).short()
         assert int(halves.min()) >= 0 and int(halves.max()) <= kernels.SPLIT_HALF_MAX
         offset = kernels.split_offset(zp)
         assert torch.equal(halves[:, :256] + halves[:, 256:] - 2 * offset, codes.short() - zp)

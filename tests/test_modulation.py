@@ -7,11 +7,12 @@ from torch import nn
 
 from modiff.checkpoint import load_into
 from modiff.config import load_params, preset_config
-from modiff.diffusion import beta_schedule, ddim_sample, timestep_sequence
+from modiff.diffusion import beta_schedule, ddim_sample
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_, reset_caches
 from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer, cache_bytes
 from modiff.quant.quantizer import quantize_weight, search_weight_scales
+from modiff.timesteps import timestep_sequence
 
 BACKENDS = ["native", "simulated"]
 BACKEND_PARAMS = [pytest.param("native", marks=pytest.mark.native), "simulated"]

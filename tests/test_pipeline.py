@@ -30,7 +30,7 @@ def smoke_params(path: Path) -> None:
     """A smoke-sized params.yaml: two variants, 40 images in 2 shards of 2 batches, 10 steps."""
     params = yaml.safe_load(path.read_text())
     params["variants"] = SMOKE_VARIANTS
-    params["bench"].update(batch_sizes=[2], repetitions=2, steps=3, cifar10=False)
+    params["bench"].update(batch_sizes=[2], repetitions=2, steps=3, cifar10=False, peers=[])
     params["presets"]["digits"]["sampling"].update(n_samples=40, batch_size=10, steps=10, shards=2)
     params["presets"]["digits"]["calibration"].update(cali_st=5, cali_n=16)
     path.write_text(yaml.safe_dump(params, sort_keys=False))

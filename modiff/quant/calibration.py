@@ -22,9 +22,9 @@ from modiff.diffusion import (
     ddim_sample,
     image_generators,
     initial_noise,
-    timestep_sequence,
 )
 from modiff.io import atomic_output, load_tagged
+from modiff.timesteps import timestep_sequence
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,4 @@
-"""Per-layer elementwise work, fused: MoDiff's one pass over the input instead of five, and the
-split scheme's operand for CPUs whose int8 kernels saturate.
+"""MoDiff's per-layer elementwise work, fused: one pass over the input instead of five.
 
 A modulated layer reads its input ``x`` and the input accumulator ``a_hat``, quantizes the
 residual and adds the dequantized residual back into ``a_hat``. Written as separate eager ops
@@ -54,21 +53,6 @@ def residual_range_eager(
     return residual.amin(), residual.amax()
 
 
-def split_codes_eager(codes: torch.Tensor, zero_point: int, channel_dim: int) -> torch.Tensor:
-    """The split scheme's kernel operand (see :mod:`modiff.quant.kernels`): uint8 ``codes``
-    with ``zero_point`` -> twice the channels, both halves in 0..128, zero point
-    ``kernels.split_offset(zero_point)``; they sum to the same signed values ``code - zero_point``.
-
-    The halves are concatenated along ``channel_dim``, channels-last (a 4-D result is an
-    (N, 2C, H, W) view of an (N, H, W, 2C) tensor, as the kernels want it).
-    """
-    offset = (zero_point + 1) // 2
-    q = codes.movedim(channel_dim, -1).to(torch.int16) - zero_point
-    low = q.clamp(-offset, 128 - offset)
-    halves = torch.cat([low, q - low], dim=-1) + offset
-    return halves.to(torch.uint8).movedim(-1, channel_dim)
-
-
 class _Fused:
     """One eager function and its compiled twin, compiled on first use."""
 
@@ -101,4 +85,3 @@ def compile_enabled() -> bool:
 
 residual_codes_ = _Fused(residual_codes_eager)
 residual_range = _Fused(residual_range_eager)
-split_codes = _Fused(split_codes_eager)

@@ -16,7 +16,8 @@ out once per process which kind this CPU runs, and :func:`needs_split` tells a l
 its operands fit; those that do not run the *split* scheme: each code's signed value
 ``q = code - zero_point`` becomes two halves in 0..128 (:func:`split_codes`), concatenated along
 the input channels, against the weights repeated twice (:func:`repeat_input_channels`). One
-kernel call with twice the input channels, exact on every CPU. Same bits, same results.
+kernel call with twice the input channels (twice the integer work), exact on every CPU. Same
+bits, same results.
 """
 
 from __future__ import annotations
@@ -96,11 +97,36 @@ def needs_split(kind: str, code_max: int, w_min: int, w_max: int) -> bool:
 
 
 def split_offset(zero_point: int) -> int:
-    """Zero point of both halves of a split code (see :func:`modiff.quant.fused.split_codes`).
+    """Zero point of both halves of a split code (see :func:`split_codes`).
 
     With offset o = ceil(z / 2), any signed value q = code - z in -z..255-z is the sum of two
     halves in -o..128-o, so both halves plus o lie in 0..128."""
     return (zero_point + 1) // 2
+
+
+def split_codes(codes: torch.Tensor, zero_point: int, channel_dim: int) -> torch.Tensor:
+    """The split scheme's kernel operand: uint8 ``codes`` with ``zero_point`` -> twice the
+    channels, both halves in 0..128, zero point :func:`split_offset`; the halves of each code
+    sum to its signed value ``code - zero_point`` (less twice the offset).
+
+    With o = split_offset(z) and b = z - o: low = clamp(code, b, b + 128) - b and
+    high = code - clamp(code, b, b + 128) + o, all in uint8 (both lie in 0..128, and the
+    wrap-around of the intermediate sum is harmless). The halves go side by side along
+    ``channel_dim``, channels-last (a 4-D result is an (N, 2C, H, W) view of (N, H, W, 2C)).
+    Plain torch ops into one buffer: faster here than a compiled version (1.0 ms against
+    2.7-14 ms for 16x128x32x32; a copy of the same bytes takes 0.74 ms).
+    """
+    offset = split_offset(zero_point)
+    base = zero_point - offset
+    codes = codes.movedim(channel_dim, -1)
+    channels = codes.shape[-1]
+    out = torch.empty((*codes.shape[:-1], 2 * channels), dtype=ACT_DTYPE, device=codes.device)
+    low, high = out[..., :channels], out[..., channels:]
+    torch.clamp(codes, base, base + SPLIT_HALF_MAX, out=low)
+    torch.sub(codes, low, out=high)
+    high.add_(offset)
+    low.sub_(base)
+    return out.movedim(-1, channel_dim)
 
 
 def repeat_input_channels(w_int8: torch.Tensor) -> torch.Tensor:
@@ -155,13 +181,11 @@ def _conv_probe(code: int, zero_point: int, weight: int) -> bool:
 
 
 def _split_probe() -> bool:
-    from modiff.quant.fused import split_codes_eager
-
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (16, 64), dtype=ACT_DTYPE, generator=g)
     w = torch.randint(-128, 128, (8, 64), dtype=torch.int8, generator=g)
     for zero_point in (0, 128, 255, 77):
-        halves = split_codes_eager(codes, zero_point, -1)
+        halves = split_codes(codes, zero_point, -1)
         ones, zeros = torch.ones(8), torch.zeros(8, dtype=torch.long)
         packed = pack_linear_weight(repeat_input_channels(w))
         out = linear(halves, 1.0, split_offset(zero_point), packed, ones, zeros, None)

@@ -169,7 +169,7 @@ class QuantLayer(nn.Module):
     def _kernel_operand(self, codes: torch.Tensor, zp: int) -> tuple[torch.Tensor, int]:
         """Codes and zero point as this layer's scheme hands them to the kernel."""
         if self.scheme == "split":
-            return fused.split_codes(codes, zp, self.channel_dim), kernels.split_offset(zp)
+            return kernels.split_codes(codes, zp, self.channel_dim), kernels.split_offset(zp)
         return codes, zp
 
     def _int_op(self, codes: torch.Tensor, scale: float, zp: int, bias) -> torch.Tensor:

@@ -14,7 +14,7 @@ DAMAGED = [f"fp32-noise{sigma:g}" for sigma in config["damage_check"]["sigmas"]]
 PKG = {
     name: f"modiff/{name}.py"
     for name in ("cli", "config", "fetch", "checkpoint", "diffusion", "io", "metrics", "classifier",
-                 "plots", "runtime", "bench", "results", "report")
+                 "plots", "runtime", "bench", "peers", "results", "report")
 }
 PKG["models"] = "modiff/models/unet.py"
 PKG["schema"] = "modiff/params.schema.yaml"

@@ -42,16 +42,19 @@ rule grid:
 
 
 rule bench:
-    """Per-step latency and memory: the grid on the preset model, FP32/INT8/MoDiff on CIFAR-10's UNet."""
+    """Per-step latency and memory: the grid on the preset model, FP32/INT8/MoDiff and the peer
+    engines on CIFAR-10's UNet; INT8 accuracy against FP32 on the preset model."""
     input:
-        code=code("cli", "models", "diffusion", "runtime", "bench", "quant"),
+        code=code("cli", "config", "checkpoint", "models", "diffusion", "runtime", "bench",
+                  "peers", "quant"),
         ckpt=rules.fetch_checkpoint.output[0],
     output:
         "results/bench.json",
     params:
         settings=settings(
             "preset", "threads", "bench", "variants", "quant",
-            *preset_keys("model", "data", "diffusion", "checkpoint"),
+            *preset_keys("model", "data", "diffusion", "checkpoint", "sampling", "calibration"),
+            "presets.cifar10.model", "presets.cifar10.data", "presets.cifar10.diffusion",
         ),
     threads: config["threads"]
     conda:

@@ -1,0 +1,78 @@
+"""results/report.md names the CPU, the int8 schemes, the peers (or why they did not run) and
+the INT8 accuracy; built here from small hand-made records."""
+
+import json
+
+from conftest import ROOT
+
+from modiff.config import load_params, preset_config
+from modiff.report import format_schemes, write_report
+
+SAT = {"cpu_isa": "avx2", "onednn_max_cpu_isa": None, "int8_kernels": "saturating (int16 pairs)"}
+
+
+def _record(variant, method, backend, kernels, device="cpu", **bits):
+    return {"variant": variant, "method": method, "backend": backend, "device": device,
+            "kernels": kernels, "n_samples": 40, "steps": 10, "fid": 1.5, "kid": 0.001,
+            "psnr_vs_fp32": 40.0, "step_ms": 10.0, "speedup_vs_fp32": 1.0, "bench_batch": 2,
+            "cache_mb_per_image": 0.0, "a_scale": bits.get("a_scale"),
+            "w_bits": bits.get("w_bits", 32), "a_bits": bits.get("a_bits", 32)}  # fmt: skip
+
+
+def _bench(peers, accuracy):
+    row = {"model": "cifar10", "weights": "random (timing only)", "batch": 16, "step_ms": 100.0,
+           "images_per_s": 160.0, "speedup_vs_fp32": 1.0, "schemes": {}}  # fmt: skip
+    rows = [{**row, "variant": "fp32"},
+            {**row, "variant": "w8a8-native", "schemes": {"split": 125}, "speedup_vs_fp32": 0.7},
+            {**row, "variant": "openvino-int8", "speedup_vs_fp32": 1.7}]  # fmt: skip
+    env = {"torch": "2.14.1", "cpu": "AMD EPYC", "threads": 2, "quantized_engine": "x86", **SAT}
+    return {"environment": env, "peers": peers, "rows": rows, "accuracy": accuracy}
+
+
+def _report(tmp_path, bench, records):
+    params = load_params(ROOT / "params.yaml")
+    files = {}
+    for name, data in {"records": records, "bench": bench}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(data))
+    out = tmp_path / "report.md"
+    write_report(params, preset_config(params), str(files["records"]), "plot.png", [],
+                 str(files["bench"]), [], out)  # fmt: skip
+    return out.read_text()
+
+
+def test_report_names_the_cpu_schemes_peers_and_accuracy(tmp_path):
+    records = [
+        _record("fp32", "fp32", "fp32", {"cpu_isa": "avx2", "onednn_max_cpu_isa": None}),
+        _record("qdiff-static-w8a8", "qdiff", "native", {**SAT, "schemes": {"split": 102}},
+                a_scale="static", w_bits=8, a_bits=8),
+        _record("qdiff-static-w8a4", "qdiff", "simulated", {"cpu_isa": "avx2"}, device="cuda",
+                a_scale="static", w_bits=8, a_bits=4),
+    ]  # fmt: skip
+    accuracy = [{"variant": "w8a8-native", "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.0831,
+                 "eps_max_abs_vs_fp32": 1.03},
+                {"variant": "openvino-int8", "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.3687,
+                 "eps_max_abs_vs_fp32": 1.75}]  # fmt: skip
+    peers = {"requested": ["openvino", "pt2e"], "skipped": {"pt2e": "not installed (torchao)"}}
+    text = _report(tmp_path, _bench(peers, accuracy), records)
+    assert "int8 kernels: saturating (int16 pairs) on this CPU (avx2)" in text
+    assert "*split* scheme" in text
+    assert "| qdiff-static-w8a8 | native on cpu | split 102 (avx2) |" in text
+    assert "| qdiff-static-w8a4 | simulated on cuda | - |" in text  # a GPU run says so
+    assert "| openvino-int8 | - | 16 |" in text  # the peer in the speed table
+    assert "Other engines in the same paired runs: openvino" in text
+    assert "**pt2e did not run**: not installed (torchao)" in text
+    assert "| openvino-int8 | 0.36870 | 1.7500 |" in text
+    assert "260 calibration inputs" in text
+
+
+def test_report_says_when_no_peers_ran(tmp_path):
+    records = [_record("fp32", "fp32", "fp32", None)]
+    text = _report(tmp_path, _bench({"requested": [], "skipped": {}}, []), records)
+    assert "No other engines ran (params.yaml `bench.peers` is empty)" in text
+    assert "INT8 accuracy" not in text
+
+
+def test_schemes_read_largest_first():
+    assert format_schemes({"direct": 58, "split": 67}) == "split 67, direct 58"
+    assert format_schemes({}) == "-" and format_schemes(None) == "-"
