@@ -164,8 +164,9 @@ def time_variants(
                 }
             )
     if settings.memory:  # a fresh process per variant, at the largest batch size
-        for row in rows:
-            if row["batch"] == max(settings.batch_sizes):
+        for row in rows:  # (other engines' FP32: their INT8 is the comparison that matters)
+            peer_fp32 = row["variant"] != "fp32" and row["variant"].endswith("-fp32")
+            if row["batch"] == max(settings.batch_sizes) and not peer_fp32:
                 row.update(peak_memory(case, variants[row["variant"]], row["batch"], settings))
     return rows
 
@@ -377,10 +378,11 @@ def peer_variants(
     }
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
+def run(params: dict[str, Any], calibration: dict | None = None) -> dict[str, Any]:
     """params.yaml's benchmark: the variant grid on the preset model (largest batch size), the
     ``bench.variants`` and peers on CIFAR-10's UNet, and the INT8 accuracy of each against FP32
-    on the preset model's calibration inputs."""
+    on the preset model's ``calibration`` inputs (what ``modiff calib-data`` writes; without
+    them, collected here)."""
     import tempfile
 
     from modiff.checkpoint import load_state_dict
@@ -412,7 +414,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                                         calibration)}  # fmt: skip
             rows += _time_case(case, variants, settings)
         if state is not None:
-            accuracy = int8_accuracy(preset_case, b, settings.threads, f"{workdir}/accuracy")
+            accuracy = int8_accuracy(
+                preset_case, b, settings.threads, f"{workdir}/accuracy", calibration
+            )
     return {
         "environment": environment(),
         "settings": vars(settings),
@@ -428,19 +432,23 @@ def _time_case(case: BenchCase, variants: dict, settings: BenchSettings) -> list
     return time_variants(case, variants, settings)
 
 
-def int8_accuracy(case: BenchCase, bench: dict, threads: int, workdir: str) -> list[dict]:
+def int8_accuracy(
+    case: BenchCase, bench: dict, threads: int, workdir: str, calibration: dict | None = None
+) -> list[dict]:
     """eps error against FP32 on calibration inputs of ``case``'s (trained) model: each
     unmodulated ``bench.variants`` entry, its simulated twin (the native one must match it) and
-    every available peer's INT8, all calibrated on the same inputs."""
+    every available peer's INT8, all calibrated on the same (about 256) inputs."""
     from modiff.peers import QDQ_IN_FLOAT, PeerVariant, eps_errors
     from modiff.quant.calibration import collect_calibration
 
-    c = case.config["calibration"]
-    n = min(c["cali_n"], -(-ACCURACY_INPUTS // c["cali_st"]))  # trajectories for ~256 inputs
-    log.info("INT8 accuracy on %s: %d calibration inputs from FP32 trajectories", case.name,
-             n * c["cali_st"])  # fmt: skip
-    calibration = collect_calibration(_build(case), case.config, cali_st=c["cali_st"], cali_n=n,
-                                      seed=0, batch_size=c["batch_size"])  # fmt: skip
+    if calibration is None:
+        c = case.config["calibration"]
+        n = min(c["cali_n"], -(-ACCURACY_INPUTS // c["cali_st"]))  # trajectories for the inputs
+        calibration = collect_calibration(_build(case), case.config, cali_st=c["cali_st"],
+                                          cali_n=n, seed=0, batch_size=c["batch_size"])  # fmt: skip
+    step = max(1, len(calibration["xs"]) // ACCURACY_INPUTS)  # spread over steps and samples
+    calibration = {k: v[::step][:ACCURACY_INPUTS] for k, v in calibration.items()}
+    log.info("INT8 accuracy on %s: %d calibration inputs", case.name, len(calibration["xs"]))
     names = [n for n in bench["variants"] if not n.endswith("-modiff")]
     names += [n.replace("-native", "-simulated") for n in names if "-native" in n]
     peers = peer_variants(bench["peers"], workdir, threads, calibration, int8_only=True)

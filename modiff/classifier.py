@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch_fidelity import register_feature_extractor
@@ -62,6 +61,8 @@ class DigitsClassifier(nn.Module):
 
 def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, test) indices into :func:`digits_images`; deterministic in ``seed``."""
+    from sklearn.model_selection import train_test_split  # training only: FID jobs skip it
+
     idx = np.arange(len(digits_labels()))
     train_idx, test_idx = train_test_split(
         idx, test_size=TEST_FRACTION, random_state=seed, stratify=digits_labels()

@@ -308,9 +308,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from modiff.bench import run
     from modiff.report import format_table
 
-    params, _ = _settings(args)
+    params, preset = _settings(args)
+    calibration = None
+    if args.calib:
+        from modiff.quant.calibration import load_calibration
+
+        meta = _calibration_meta(params, preset, None)
+        calibration = load_calibration(args.calib, meta)
     _configure_process(params)
-    result = run(params)
+    result = run(params, calibration)
     print(format_table(result["rows"]))
     _write_metrics(result, args.out)
 
@@ -446,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", cmd_bench)
     p.add_argument("--out", help="JSON to write")
+    p.add_argument("--calib", help="calibration data (modiff calib-data) for the INT8 accuracy")
 
     p = add("gather", cmd_gather)
     p.add_argument("--metrics-dir", default="results/metrics", help="per-variant metrics JSON")

@@ -160,6 +160,8 @@ class _OnnxRuntime(nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle workers would spin on the 2 cores the next variant of the paired run needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not fused:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

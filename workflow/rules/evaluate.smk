@@ -48,11 +48,12 @@ rule bench:
         code=code("cli", "config", "checkpoint", "models", "diffusion", "runtime", "bench",
                   "peers", "quant"),
         ckpt=rules.fetch_checkpoint.output[0],
+        calib=rules.calib_data.output[0],
     output:
         "results/bench.json",
     params:
         settings=settings(
-            "preset", "threads", "bench", "variants", "quant",
+            "preset", "seed", "threads", "bench", "variants", "quant",
             *preset_keys("model", "data", "diffusion", "checkpoint", "sampling", "calibration"),
             "presets.cifar10.model", "presets.cifar10.data", "presets.cifar10.diffusion",
         ),
@@ -64,4 +65,4 @@ rule bench:
     benchmark:
         "results/benchmarks/bench.tsv"
     shell:
-        "modiff bench {params.settings} --out {output} > {log} 2>&1"
+        "modiff bench {params.settings} --calib {input.calib} --out {output} > {log} 2>&1"
