@@ -405,14 +405,7 @@ def run(params: dict[str, Any], calibration: dict | None = None) -> dict[str, An
             grid = dataclasses.replace(settings, batch_sizes=[max(b["batch_sizes"])], memory=False)
             rows += _time_case(preset_case, grid_variants(params), grid)
         if b["cifar10"] or preset["name"] == "cifar10":
-            cifar = preset_config(params, "cifar10")
-            case = BenchCase("cifar10", cifar, "random (timing only)")
-            calibration = timing_calibration(cifar["model"]["in_channels"],
-                                             cifar["data"]["image_size"])  # fmt: skip
-            variants = {**variants_by_name(b["variants"], cache_dir=f"{workdir}/cifar10"),
-                        **peer_variants(b["peers"], f"{workdir}/cifar10", settings.threads,
-                                        calibration)}  # fmt: skip
-            rows += _time_case(case, variants, settings)
+            rows += _time_cifar10(params, settings, f"{workdir}/cifar10")
         if state is not None:
             accuracy = int8_accuracy(
                 preset_case, b, settings.threads, f"{workdir}/accuracy", calibration
@@ -424,6 +417,18 @@ def run(params: dict[str, Any], calibration: dict | None = None) -> dict[str, An
         "rows": rows,
         "accuracy": accuracy,
     }
+
+
+def _time_cifar10(params: dict[str, Any], settings: BenchSettings, workdir: str) -> list[dict]:
+    """``bench.variants`` and the peers on CIFAR-10's UNet (random weights: timing only)."""
+    from modiff.config import preset_config
+
+    b = params["bench"]
+    config = preset_config(params, "cifar10")
+    inputs = timing_calibration(config["model"]["in_channels"], config["data"]["image_size"])
+    variants = {**variants_by_name(b["variants"], cache_dir=workdir),
+                **peer_variants(b["peers"], workdir, settings.threads, inputs)}  # fmt: skip
+    return _time_case(BenchCase("cifar10", config, "random (timing only)"), variants, settings)
 
 
 def _time_case(case: BenchCase, variants: dict, settings: BenchSettings) -> list[dict]:

@@ -81,12 +81,21 @@ def test_benchmark_of_the_pipeline_records_accuracy_and_skipped_peers(monkeypatc
         "bench.cifar10=false", "bench.variants=[w8a8-native]", "bench.peers=[openvino]",
         "presets.digits.calibration.cali_st=4", "presets.digits.sampling.steps=8",
     ])  # fmt: skip
-    result = bench.run(params)
+    from modiff.checkpoint import load_into
+    from modiff.config import preset_config
+    from modiff.models import build_model
+    from modiff.quant.calibration import collect_calibration
+
+    preset = preset_config(params)
+    model = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").eval()
+    calibration = collect_calibration(model, preset, cali_st=4, cali_n=10, seed=0, batch_size=10)
+    result = bench.run(params, calibration)
     assert result["peers"] == {"requested": ["openvino"], "skipped": {"openvino": "not here"}}
     assert [r["variant"] for r in result["rows"]] == ["fp32", "qdiff-dynamic-w8a8"]
     assert result["rows"][1]["schemes"]  # the native layers say which scheme they ran
     accuracy = {r["variant"]: r for r in result["accuracy"]}
     assert set(accuracy) == {"w8a8-native", "w8a8-simulated"}
+    assert {r["n_inputs"] for r in accuracy.values()} == {40}  # the calibration it was given
     native, simulated = (
         accuracy[n]["eps_rel_rms_vs_fp32"] for n in ("w8a8-native", "w8a8-simulated")
     )
