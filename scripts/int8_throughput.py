@@ -9,7 +9,12 @@
    (u8 x s8, int16 pairs, saturating), ``vpmaddwd`` (s16 x s16, exact) and, where the CPU has
    it, ``vpdpbusd`` (VNNI, exact).
 
-Usage: python scripts/int8_throughput.py [--batch 16] [--repetitions 9] [--instructions]
+3. With ``--unet``: the whole CIFAR-10 UNet per DDIM step (random weights), FP32 against plain
+   native W8A8 and MoDiff in paired runs, and how much of each INT8 step the integer kernels
+   themselves take (``torch.profiler``). FP32's step divided by that kernel time bounds what
+   any fusion of the float work (GroupNorm, SiLU, quantize, attention) could reach.
+
+Usage: python scripts/int8_throughput.py [--batch 16] [--repetitions 9] [--instructions] [--unet]
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modiff.config import load_params
+from modiff.bench import BenchCase, BenchSettings, _build, time_variants, variants_by_name
+from modiff.config import load_params, preset_config
 from modiff.quant import kernels
 from modiff.runtime import configure_process
 
@@ -99,17 +105,17 @@ int main(void){
   t=now();
   for(long i=0;i<N;i++){
     for(int j=0;j<R;j++)acc[j]=_mm256_add_epi32(acc[j],_mm256_madd_epi16(a[j],w16));
-    __asm__ volatile(""::"x"(w16));}
+    __asm__ volatile("":"+x"(w16));}
   double madd=N*R*16/(now()-t)/1e9;
   t=now();
   for(long i=0;i<N;i++){for(int j=0;j<R;j++)acc[j]=_mm256_add_epi32(acc[j],
-    _mm256_madd_epi16(_mm256_maddubs_epi16(a[j],w8),ones)); __asm__ volatile(""::"x"(w8));}
+    _mm256_madd_epi16(_mm256_maddubs_epi16(a[j],w8),ones)); __asm__ volatile("":"+x"(w8));}
   double maddubs=N*R*32/(now()-t)/1e9;
   double vnni=0;
 #ifdef __AVXVNNI__
   t=now();
   for(long i=0;i<N;i++){for(int j=0;j<R;j++)acc[j]=_mm256_dpbusd_avx_epi32(acc[j],a[j],w8);
-    __asm__ volatile(""::"x"(w8));}
+    __asm__ volatile("":"+x"(w8));}
   vnni=N*R*32/(now()-t)/1e9;
 #endif
   long sink=0; for(int j=0;j<R;j++) sink+=_mm256_extract_epi32(acc[j],0)+(long)f[j][0];
@@ -124,7 +130,7 @@ def instruction_rates() -> dict[str, float] | None:
     gcc = shutil.which("gcc")
     if gcc is None or "avx2" not in kernels.cpu_flags():
         return None
-    flags = ["-O2", "-mavx2", "-mfma"]
+    flags = ["-O3", "-mavx2", "-mfma"]
     if "avx_vnni" in kernels.cpu_flags():
         flags.append("-mavxvnni")
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,11 +145,46 @@ def instruction_rates() -> dict[str, float] | None:
     return rates
 
 
+INT8_KERNELS = ("onednn::qconv2d_pointwise", "onednn::qlinear_pointwise")
+
+
+def _kernel_ms(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """Milliseconds one model call spends inside the int8 kernels (after two warm-up calls,
+    which also fill MoDiff's caches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x, t)
+        model(x * 0.99, t)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x * 0.98, t)
+    events = prof.key_averages()
+    return sum(e.self_cpu_time_total for e in events if e.key.startswith(INT8_KERNELS)) / 1e3
+
+
+def unet_bound(batch: int, repetitions: int) -> list[dict]:
+    """Paired step times of FP32, plain W8A8 and MoDiff on the CIFAR-10 UNet, and each INT8
+    step's time inside the integer kernels."""
+    config = preset_config(load_params("params.yaml"), "cifar10")
+    case = BenchCase("cifar10", config, "random (timing only)")
+    names = ["w8a8-native", "w8a8-native-modiff"]
+    settings = BenchSettings(batch_sizes=[batch], repetitions=repetitions, steps=3, memory=False)
+    rows = time_variants(case, variants_by_name(names), settings)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    t = torch.full((batch,), 500.0)
+    for row in rows:
+        if row["variant"] in names:
+            model = variants_by_name([row["variant"]])[row["variant"]](_build(case))
+            row["kernel_ms"] = _kernel_ms(model, x, t)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repetitions", type=int, default=9)
     parser.add_argument("--instructions", action="store_true", help="also time instructions")
+    parser.add_argument("--unet", action="store_true", help="also bound the whole UNet's speedup")
     args = parser.parse_args()
     configure_process(load_params("params.yaml")["threads"])
     probe = kernels.probe()
@@ -161,11 +202,22 @@ def main() -> None:
         rates = instruction_rates()
         if rates is None:
             print("instruction rates: need gcc and an x86 CPU with AVX2")
-            return
-        fma = rates["fp32 vfmadd231ps"]
-        print("\n| instruction sequence (one core) | GMAC/s | x FP32 FMA |\n|---|---|---|")
-        for name, rate in rates.items():
-            print(f"| {name} | {rate:.1f} | {rate / fma:.2f} |")
+        else:
+            fma = rates["fp32 vfmadd231ps"]
+            print("\n| instruction sequence (one core) | GMAC/s | x FP32 FMA |\n|---|---|---|")
+            for name, rate in rates.items():
+                print(f"| {name} | {rate:.1f} | {rate / fma:.2f} |")
+    if args.unet:
+        rows = unet_bound(args.batch, max(3, args.repetitions // 3))
+        fp32 = next(r["step_ms"] for r in rows if r["variant"] == "fp32")
+        print(f"\nCIFAR-10 UNet, batch {args.batch}, per DDIM step (FP32 {fp32:.1f} ms)")
+        print("| variant (schemes) | step ms (x FP32) | int8 kernels ms | bound: FP32 / kernels |")
+        print("|---|---|---|---|")
+        for r in rows:
+            if "kernel_ms" in r:
+                print(f"| {r['variant']} ({r['schemes']}) | {r['step_ms']:.1f} "
+                      f"({r['speedup_vs_fp32']:.2f}x) | {r['kernel_ms']:.1f} "
+                      f"| {fp32 / r['kernel_ms']:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":
