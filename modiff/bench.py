@@ -189,7 +189,35 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_memory_child(case, build, batch, settings, queue) -> None:
+def _child(fn: Callable, args: tuple, queue) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except Exception as err:  # handed to the parent, which raises it with the reason
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def in_fresh_process(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a spawned process (``fn`` and ``args`` picklable): a clean memory
+    baseline, and a crash of native code (another engine's) that cannot take this process with
+    it. Raises RuntimeError with the reason when ``fn`` raises or the process dies."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    while True:
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"process died (exit code {proc.exitcode})") from None
+    proc.join()
+    if status == "error":
+        raise RuntimeError(value)
+    return value
+
+
+def _peak_memory_child(case, build, batch, settings) -> dict[str, int]:
     torch.set_num_threads(settings.threads)
     model = build(_build(case))
     _trajectory_step_time(model, case, 1, 2)  # load kernels and libraries before the baseline
@@ -210,7 +238,7 @@ def _peak_memory_child(case, build, batch, settings, queue) -> None:
     poller.join()
     peak = max(peak, _rss_bytes())
     params = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    queue.put({"sampling_bytes": peak - base, "param_bytes": params, "peak_rss_bytes": peak})
+    return {"sampling_bytes": peak - base, "param_bytes": params, "peak_rss_bytes": peak}
 
 
 def peak_memory(
@@ -223,20 +251,10 @@ def peak_memory(
     caches), polled every millisecond, over the process after the model was built;
     ``param_mb`` is the model's parameters and buffers.
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(case, build, batch, settings, queue))
-    proc.start()
-    while True:
-        try:
-            result = queue.get(timeout=1.0)
-            break
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(
-                    f"memory probe process died (exit code {proc.exitcode})"
-                ) from None
-    proc.join()
+    try:
+        result = in_fresh_process(_peak_memory_child, case, build, batch, settings)
+    except RuntimeError as err:
+        raise RuntimeError(f"memory probe failed: {err}") from None
     return {
         "peak_rss_mb": round(result["peak_rss_bytes"] / 2**20, 1),
         "sampling_mem_mb": round(result["sampling_bytes"] / 2**20, 1),
@@ -459,6 +477,21 @@ def int8_accuracy(
     peers = peer_variants(bench["peers"], workdir, threads, calibration, int8_only=True)
     if "onnxruntime-int8" in peers:  # the same QDQ model without int8 kernels: saturation's cost
         peers[QDQ_IN_FLOAT] = PeerVariant(QDQ_IN_FLOAT, workdir, threads, calibration)
-    builders = {**variants_by_name(list(dict.fromkeys(names)), calibration), **peers}
+    builders = variants_by_name(list(dict.fromkeys(names)), calibration)
     models = {name: build(_build(case)) for name, build in builders.items()}
-    return eps_errors(_build(case), models, calibration)
+    rows = eps_errors(_build(case), models, calibration)
+    for name, build in peers.items():  # each in its own process: an engine's crash is its row
+        try:
+            rows += in_fresh_process(_peer_accuracy, case, name, build, calibration, threads)
+        except RuntimeError as err:
+            log.warning("INT8 accuracy of %s failed: %s", name, err)
+            rows.append({"variant": name, "n_inputs": len(calibration["xs"]), "error": str(err)})
+    return rows
+
+
+def _peer_accuracy(case: BenchCase, name: str, build: VariantBuilder, calibration: dict,
+                   threads: int) -> list[dict]:  # fmt: skip
+    from modiff.peers import eps_errors
+
+    torch.set_num_threads(threads)
+    return eps_errors(_build(case), {name: build(_build(case))}, calibration)

@@ -229,6 +229,9 @@ def accuracy_lines(bench: dict[str, Any], preset: str) -> list[str]:
         "|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:  # the engine failed on this machine: say so in the row
+            lines.append(f"| {r['variant']} | failed: {r['error']} | - |")
+            continue
         lines.append(f"| {r['variant']} | {r['eps_rel_rms_vs_fp32']:.5f} "
                      f"| {r['eps_max_abs_vs_fp32']:.4f} |")  # fmt: skip
     return [*lines, ""]

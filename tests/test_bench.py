@@ -101,3 +101,43 @@ def test_benchmark_of_the_pipeline_records_accuracy_and_skipped_peers(monkeypatc
     )
     assert 0 < simulated < 0.5 and abs(native - simulated) < 0.05 * simulated
     assert result["environment"]["cpu_isa"] and result["environment"]["int8_kernels"]
+
+
+class _CrashingEngine:
+    """A peer whose native code dies while quantizing (as OpenVINO's did under an ISA cap)."""
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
+        return model
+
+
+def _divide(a: float, b: float) -> float:
+    return a / b
+
+
+def test_fresh_process_returns_results_and_names_failures():
+    from modiff.bench import in_fresh_process
+
+    assert in_fresh_process(_divide, 6.0, 3.0) == 2.0
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        in_fresh_process(_divide, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"process died \(exit code -11\)"):
+        in_fresh_process(_CrashingEngine(), None)
+
+
+@pytest.mark.slow
+def test_a_peer_crashing_in_the_accuracy_check_is_a_row_not_the_end(monkeypatch):
+    from modiff import bench
+
+    case = BenchCase("tiny", tiny_config(), "random (timing only)")
+    calibration = bench.timing_calibration(3, 8, n=8)
+    crashing = {"crashing-int8": _CrashingEngine()}
+    monkeypatch.setattr(bench, "peer_variants", lambda *args, **kwargs: crashing)
+    settings = {"variants": ["w8a8-native"], "peers": ["crashing"]}
+    rows = {r["variant"]: r for r in bench.int8_accuracy(case, settings, 2, "unused", calibration)}
+    assert set(rows) == {"w8a8-native", "w8a8-simulated", "crashing-int8"}
+    assert "process died" in rows["crashing-int8"]["error"]
+    assert rows["w8a8-native"]["eps_rel_rms_vs_fp32"] > 0

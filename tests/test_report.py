@@ -52,7 +52,9 @@ def test_report_names_the_cpu_schemes_peers_and_accuracy(tmp_path):
     accuracy = [{"variant": "w8a8-native", "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.0831,
                  "eps_max_abs_vs_fp32": 1.03},
                 {"variant": "openvino-int8", "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.3687,
-                 "eps_max_abs_vs_fp32": 1.75}]  # fmt: skip
+                 "eps_max_abs_vs_fp32": 1.75},
+                {"variant": "onnxruntime-int8", "n_inputs": 260,
+                 "error": "process died (exit code -11)"}]  # fmt: skip
     peers = {"requested": ["openvino", "pt2e"], "skipped": {"pt2e": "not installed (torchao)"}}
     text = _report(tmp_path, _bench(peers, accuracy), records)
     assert "int8 kernels: saturating (int16 pairs) on this CPU (avx2)" in text
@@ -63,6 +65,7 @@ def test_report_names_the_cpu_schemes_peers_and_accuracy(tmp_path):
     assert "Other engines in the same paired runs: openvino" in text
     assert "**pt2e did not run**: not installed (torchao)" in text
     assert "| openvino-int8 | 0.36870 | 1.7500 |" in text
+    assert "| onnxruntime-int8 | failed: process died (exit code -11) | - |" in text
     assert "260 calibration inputs" in text
 
 
