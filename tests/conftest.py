@@ -1,12 +1,16 @@
 import os
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 REFERENCE = ROOT.parent / "shared" / "reference"
 # Unit tests run the fused MoDiff passes eagerly (compiling costs seconds per test process);
 # tests/test_modulation.py checks the compiled ones against them, the pipeline test runs them.
@@ -58,3 +62,52 @@ def tiny_config(**model_overrides) -> dict:
             "num_diffusion_timesteps": 1000,
         },
     }
+
+
+# --- the smoke-sized pipeline: one local run shared by the pipeline and SLURM tests -----------
+
+SMOKE_VARIANTS = [
+    {"name": "qdiff-static-w8a8", "method": "qdiff", "a_scale": "static", "w_bits": 8, "a_bits": 8},
+    {"name": "modiff-dynamic-w8a4", "method": "modiff", "a_scale": "dynamic", "w_bits": 8,
+     "a_bits": 4},
+]  # fmt: skip
+
+
+def smoke_params(path: Path) -> None:
+    """A smoke-sized params.yaml: two variants, 40 images in 2 shards of 2 batches, 10 steps."""
+    params = yaml.safe_load(path.read_text())
+    params["variants"] = SMOKE_VARIANTS
+    params["bench"].update(batch_sizes=[2], repetitions=2, steps=3, cifar10=False, peers=[])
+    params["presets"]["digits"]["sampling"].update(n_samples=40, batch_size=10, steps=10, shards=2)
+    params["presets"]["digits"]["calibration"].update(cali_st=5, cali_n=16)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_in(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """A console script of this environment (``snakemake``, ``modiff``) run in ``project``."""
+    # PYTHONPATH: the copy runs its own modiff, not the editable install of the working tree.
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "XDG_CACHE_HOME": str(project / ".cache"),
+           "PYTHONPATH": str(project)}  # fmt: skip
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@dataclass
+class SmokeRun:
+    project: Path  # a copy of the project with the smoke params.yaml
+    result: subprocess.CompletedProcess  # `snakemake --cores 2 results/report.md` there
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """The smoke pipeline run once, locally, for every test that needs its outputs."""
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    smoke_params(project / "params.yaml")
+    profile = ("--profile", "workflow/profiles/local", "--cores", "2")
+    return SmokeRun(project, run_in(project, "snakemake", *profile, "results/report.md"))

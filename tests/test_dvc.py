@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project
-from test_pipeline import smoke_params
+from conftest import copy_project, smoke_params
 
 BIN = Path(sys.executable).parent
 # DVC stage (before '@') -> the Snakemake rule producing its outputs.

@@ -4,65 +4,31 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import copy_project
+from conftest import run_in
 
 from modiff.io import load_images
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-SMOKE_VARIANTS = [
-    {"name": "qdiff-static-w8a8", "method": "qdiff", "a_scale": "static", "w_bits": 8, "a_bits": 8},
-    {"name": "modiff-dynamic-w8a4", "method": "modiff", "a_scale": "dynamic", "w_bits": 8,
-     "a_bits": 4},
-]  # fmt: skip
 RECORD_FIELDS = {"variant", "method", "a_scale", "w_bits", "a_bits", "backend", "n_samples",
                  "steps", "fid", "kid", "psnr_vs_fp32", "step_ms", "speedup_vs_fp32"}  # fmt: skip
 
 
-def smoke_params(path: Path) -> None:
-    """A smoke-sized params.yaml: two variants, 40 images in 2 shards of 2 batches, 10 steps."""
-    params = yaml.safe_load(path.read_text())
-    params["variants"] = SMOKE_VARIANTS
-    params["bench"].update(batch_sizes=[2], repetitions=2, steps=3, cifar10=False, peers=[])
-    params["presets"]["digits"]["sampling"].update(n_samples=40, batch_size=10, steps=10, shards=2)
-    params["presets"]["digits"]["calibration"].update(cali_st=5, cali_n=16)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    dest = copy_project(tmp_path_factory.mktemp("project"))
-    smoke_params(dest / "params.yaml")
-    return dest
-
-
-def run(project: Path, *args: str) -> subprocess.CompletedProcess:
-    # PYTHONPATH: the copy runs its own modiff, not the editable install of the working tree.
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "XDG_CACHE_HOME": str(project / ".cache"),
-           "PYTHONPATH": str(project)}  # fmt: skip
-    return subprocess.run(
-        [str(BIN / args[0]), *args[1:]],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def project(smoke_run) -> Path:
+    return smoke_run.project
 
 
 def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return run(project, "snakemake", "--cores", "2", *args)
+    return run_in(project, "snakemake", "--cores", "2", *args)
 
 
-def test_pipeline_runs_end_to_end_and_reruns_nothing(project):
-    result = snakemake(project, "results/report.md")
+def test_pipeline_runs_end_to_end_and_reruns_nothing(smoke_run):
+    project, result = smoke_run.project, smoke_run.result
     assert result.returncode == 0, result.stderr[-3000:]
     images, meta = load_images(project / "results/samples/fp32.npz")
     assert images.shape == (40, 8, 8, 1) and images.dtype == np.uint8
@@ -91,7 +57,7 @@ def test_pipeline_runs_end_to_end_and_reruns_nothing(project):
 def test_merged_shards_equal_one_unsharded_run(project):
     name = "modiff-dynamic-w8a4"  # per-tensor dynamic scales: batch composition matters
     merged, _ = load_images(project / f"results/samples/{name}.npz")
-    whole = run(project, "modiff", "sample", "--variant", name, "--qparams",
+    whole = run_in(project, "modiff", "sample", "--variant", name, "--qparams",
                 f"data/quant/{name}.pt", "--out", "whole.npz")  # fmt: skip
     assert whole.returncode == 0, whole.stderr[-2000:]
     unsharded, _ = load_images(project / "whole.npz")
@@ -122,7 +88,7 @@ def test_an_interrupted_run_resumes_with_the_missing_shard_only(project):
 
 def test_calibration_reruns_to_the_same_bytes(project):
     name = "qdiff-static-w8a8"
-    again = run(project, "modiff", "calibrate", "--variant", name, "--calib",
+    again = run_in(project, "modiff", "calibrate", "--variant", name, "--calib",
                 "data/calibration/digits.pt", "--out", "again.pt")  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert (project / "again.pt").read_bytes() == (project / f"data/quant/{name}.pt").read_bytes()

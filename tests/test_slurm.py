@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, copy_project
-from test_pipeline import smoke_params
+from conftest import ROOT, SmokeRun, copy_project, smoke_params
 
 BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
@@ -74,6 +73,9 @@ def override_profile(dest: Path, slurm_conf: Path) -> Path:
         "retries": 0,
         "latency-wait": 5,
         "slurm-init-seconds-before-status-checks": 2,
+        # Jobs here take seconds: with the default 10 s between squeue rounds every level of
+        # the DAG waited about 14 s for its jobs to be seen finished.
+        "seconds-between-status-checks": 1,
         "slurm-keep-successful-logs": True,
         "default-resources": capped(profile["default-resources"]) | {"slurm_partition": partition},
         "set-resources": {rule: capped(res) for rule, res in profile["set-resources"].items()},
@@ -113,13 +115,14 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, cluster: dict[str, str]) -> Runs:
-    """The smoke pipeline in two copies of the project: with the local and the slurm profile."""
-    local, slurm = (copy_project(tmp_path_factory.mktemp(name)) for name in ("local", "slurm"))
-    for project in (local, slurm):
-        smoke_params(project / "params.yaml")
-    run = snakemake(local, "--profile", "workflow/profiles/local", "results/report.md", env={})
-    assert run.returncode == 0, run.log[-3000:]
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, cluster: dict[str, str], smoke_run: SmokeRun
+) -> Runs:
+    """The smoke pipeline with the slurm profile, in a copy of the project, next to the shared
+    local run (conftest's ``smoke_run``, whose outputs it must reproduce)."""
+    assert smoke_run.result.returncode == 0, smoke_run.result.stderr[-3000:]
+    local, slurm = smoke_run.project, copy_project(tmp_path_factory.mktemp("slurm"))
+    smoke_params(slurm / "params.yaml")
     override = override_profile(tmp_path_factory.mktemp("profile"), Path(cluster["SLURM_CONF"]))
     args = ("--profile", "workflow/profiles/slurm", "--profile", str(override))
     run = snakemake(slurm, *args, "results/report.md", env=cluster)
