@@ -218,3 +218,25 @@ def test_many_layouts_and_bit_widths_stay_compiled(monkeypatch):
                 one = torch.tensor(0.05)
                 fused.residual_codes_(x, a_hat, a_hat, one, torch.tensor(128.0), 255 - qmax, qmax)
     assert not fused.residual_codes_.failed
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("modulation", ["none", "compensated"])
+def test_loading_a_state_dict_rebuilds_what_the_layer_derives_from_it(backend, modulation):
+    """Packed and dequantised weights follow the loaded codes: the layer computes what a layer
+    built from those codes computes, at the warm-up (float) and at later (integer) steps."""
+    layer, other = (_layer(modulation, backend, scale=0.05, seed=seed) for seed in (0, 1))
+    inputs = [torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    assert not torch.equal(layer(inputs[0]), other(inputs[0]))
+    layer.load_state_dict(other.state_dict())
+    reset_caches(layer), reset_caches(other)
+    for x in inputs:
+        assert torch.equal(layer(x).clone(), other(x).clone())
+
+
+@pytest.mark.native
+def test_a_refused_native_call_leaves_the_caches_as_they_were():
+    layer = _layer("compensated", "native", scale=0.05).to("meta")  # as a non-CPU device would
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        layer(torch.randn(2, 4, 5, 5, device="meta"))
+    assert layer.a_hat is None and layer.o_hat is None

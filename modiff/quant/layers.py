@@ -59,7 +59,6 @@ class QuantLayer(nn.Module):
             raise ValueError("static activations need an act_scale (calibrate first)")
         self.register_buffer("act_scale", params.act_scale.float() if static else None)
         self.register_buffer("act_zero_point", params.act_zero_point.long() if static else None)
-        w_shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
         # A 1x1 conv with stride 1 is a linear over the channels of a channels-last tensor. The
         # linear kernel adds into an accumulator in place; the conv kernel's in-place sum returns
         # a full copy of it besides (an extra pass per call for MoDiff's output cache).
@@ -73,13 +72,26 @@ class QuantLayer(nn.Module):
         self.code_max = self.a_qmax - self.a_qmin
         self.channel_dim = 1 if self.is_conv else -1
         self.scheme = None  # native only: "direct" or "split" (kernels module)
-        if config.backend == "native":
-            self._init_native()
-        if config.backend == "simulated" or config.modulation != "none":
-            # Derived, not saved; a buffer so that .to(device) moves it with the layer.
-            w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
-            self.register_buffer("_w_float", w_float, persistent=False)
+        self._derive()
         self.reset_cache()
+
+    def _derive(self) -> None:
+        """Build what is derived from the saved weight codes and scales: the native kernels'
+        packed weight and scheme, and the dequantised weight (simulation, MoDiff's warm-up).
+
+        Runs at construction and after every ``load_state_dict``, so it follows the saved state.
+        """
+        if self.config.backend == "native":
+            self._init_native()
+        if self.config.backend == "simulated" or self.config.modulation != "none":
+            w_shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+            w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
+            # Not saved; a buffer so that .to(device) moves it with the layer.
+            self.register_buffer("_w_float", w_float, persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._derive()
 
     def _init_native(self) -> None:
         if not kernels.available():
@@ -213,6 +225,8 @@ class QuantLayer(nn.Module):
         self.a_prev = None  # true previous input (uncompensated mode only)
 
     def _forward_modulated(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.backend == "native":  # before any cache changes: a refused call keeps them
+            self._check_native(x)
         if self.a_hat is None:
             self._warm_up(x, into)
         else:
@@ -268,7 +282,6 @@ class QuantLayer(nn.Module):
             else:
                 self.o_hat = self.o_hat + self.float_op(dq, None)
             return
-        self._check_native(x)
         if into is None and not _sole_owner(self.o_hat):  # the caller kept last step's output
             self.o_hat = self.o_hat.clone()
         accum = self.o_hat if into is None else into
