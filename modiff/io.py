@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,24 @@ def save_images(dest: str | Path, images: np.ndarray, **meta: Any) -> None:
         np.savez(fh, images=images, meta=np.array(json.dumps(meta)))
 
 
+SAMPLES_MADE_BY = "`modiff sample`, `modiff merge` or `modiff damage` (Snakemake: -R merge_samples)"
+
+
 def load_images(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Inverse of :func:`save_images`."""
-    with np.load(path, allow_pickle=False) as f:
-        return f["images"], json.loads(str(f["meta"]))
+    """Inverse of :func:`save_images`. A missing, truncated or foreign file is an error that
+    names it and the steps that make samples files, not a traceback from deep in numpy."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file {path} not found; make it with {SAMPLES_MADE_BY}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["images"], json.loads(str(f["meta"]))
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ValueError(
+            f"{path} is not a complete modiff samples file ({reason}); delete it and rerun the "
+            f"step that wrote it: {SAMPLES_MADE_BY}"
+        ) from None
 
 
 def load_tagged(path: str | Path, fmt: str, what: str, make_with: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT
@@ -141,3 +142,29 @@ def test_shards_are_whole_batches_tiling_the_images(n, batch, shards):
     assert all(r.start % batch == 0 and len(r) > 0 for r in ranges)
     with pytest.raises(ConfigError, match="out of range"):
         shard_range(sampling, shards)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a zip", "no metadata"])
+@pytest.mark.parametrize("command", ["fid", "grid", "damage", "merge"])
+def test_a_broken_samples_file_is_one_clear_line(params_file, tmp_path, capsys, command, damage):
+    from modiff.io import save_images
+
+    good = tmp_path / "good.npz"
+    save_images(good, np.zeros((4, 8, 8, 1), np.uint8), indices=[0, 1, 2, 3])
+    broken = tmp_path / "broken.npz"
+    if damage == "truncated":
+        broken.write_bytes(good.read_bytes()[:-100])
+    elif damage == "not a zip":
+        broken.write_text("images")
+    else:
+        np.savez(broken, images=np.zeros((4, 8, 8, 1), np.uint8))
+    out, settings = str(tmp_path / "out"), ["--params", str(params_file)]
+    args = {"fid": [*settings, "--samples", str(broken), "--out", f"{out}.json"],
+            "grid": ["--samples", str(broken), "--out", f"{out}.png"],
+            "damage": [*settings, "--samples", str(broken), "--sigma", "0.1", "--out", out],
+            "merge": ["--shards", str(broken), "--out", f"{out}.npz"]}[command]  # fmt: skip
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(broken) in err and "is not a complete modiff samples file" in err
+    assert "modiff merge" in err and not list(tmp_path.glob("out*"))
