@@ -405,6 +405,7 @@ def run(params: dict[str, Any], calibration: dict | None = None) -> dict[str, An
 
     from modiff.checkpoint import load_state_dict
     from modiff.config import checkpoint_path, preset_config
+    from modiff.fetch import verified_checkpoint
     from modiff.peers import unavailable
 
     b = params["bench"]
@@ -412,7 +413,7 @@ def run(params: dict[str, Any], calibration: dict | None = None) -> dict[str, An
                              steps=b["steps"], threads=params["threads"])  # fmt: skip
     preset = preset_config(params)
     ck = checkpoint_path(preset["name"])
-    state = load_state_dict(ck) if ck.is_file() else None
+    state = load_state_dict(verified_checkpoint(preset)) if ck.is_file() else None
     preset_case = BenchCase(preset["name"], preset, "checkpoint" if state else "random", state)
     skipped = unavailable(b["peers"])
     for engine, reason in skipped.items():

@@ -32,15 +32,13 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def _load_model(preset: dict[str, Any], checkpoint: str | None, device: Any):
+    """The preset's model with ``checkpoint`` (a file of the user's), or else with the preset's
+    fetched checkpoint, verified against params.yaml's digest."""
     from modiff.checkpoint import load_into
-    from modiff.config import checkpoint_path
+    from modiff.fetch import verified_checkpoint
     from modiff.models import build_model
 
-    path = Path(checkpoint or checkpoint_path(preset["name"]))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} not found; run `modiff fetch` (or the pipeline's fetch stage) first"
-        )
+    path = Path(checkpoint) if checkpoint else verified_checkpoint(preset)
     model = load_into(build_model(preset), path)
     return model.eval().to(device)
 

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -106,6 +106,31 @@ def fetch(
         tmp.unlink(missing_ok=True)  # gone already after a successful replace
     logger.info("verified %s (%s)", dest, ", ".join(f"{a} {d}" for a, d in expected.items()))
     return dest
+
+
+def verified_checkpoint(preset: dict[str, Any]) -> Path:
+    """The preset's fetched checkpoint, checked against the digest params.yaml gives for it.
+
+    Checked at every load, not only when fetched: a file is trusted only while its digest
+    matches (a byte flipped since would otherwise load silently into every later stage)."""
+    from modiff.config import checkpoint_path
+
+    path = checkpoint_path(preset["name"])
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; run `modiff fetch` (or the pipeline's fetch stage) first"
+        )
+    c = preset["checkpoint"]
+    expected = _expected_digests(md5=c.get("md5"), sha256=c.get("sha256"))
+    actual = _file_digests(path, expected)
+    for algorithm, digest in expected.items():
+        if actual[algorithm] != digest:
+            raise ChecksumError(
+                f"{path} has {algorithm} {actual[algorithm]}, not the {digest} params.yaml gives "
+                f"for preset '{preset['name']}': it changed since it was fetched; delete it and "
+                "run `modiff fetch`"
+            )
+    return path
 
 
 def _expected_digests(**given: str | None) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Bad input gets a clear error before any work; the CLI lists and documents its stages."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,28 @@ def test_a_broken_samples_file_is_one_clear_line(params_file, tmp_path, capsys, 
     assert len(err.splitlines()) == 1, err
     assert str(broken) in err and "is not a complete modiff samples file" in err
     assert "modiff merge" in err and not list(tmp_path.glob("out*"))
+
+
+def test_a_checkpoint_changed_after_fetching_is_refused_at_load(params_file, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """The fetched file is trusted only while its digest matches params.yaml's: sampling, and
+    the benchmark, verify it at every load."""
+    from modiff import bench
+    from modiff.fetch import ChecksumError
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "data/checkpoints/digits.ckpt"  # as `modiff fetch` leaves it
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(ROOT / "data/pretrained/digits_ddim.pt", ckpt)
+    short = ["-S", "presets.digits.sampling.steps=4", "-S", "presets.digits.calibration.cali_st=2"]
+    sample = ["sample", "--params", str(params_file), "--out", "s.npz", "--n", "2", *short]
+    assert main(sample) == 0  # the file as fetched loads
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit, in the middle of a tensor: still a loadable checkpoint
+    ckpt.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(sample) == 2
+    err = capsys.readouterr().err
+    assert str(Path("data/checkpoints/digits.ckpt")) in err and "modiff fetch" in err, err
+    with pytest.raises(ChecksumError, match="changed since it was fetched"):
+        bench.run(load_params(params_file))
