@@ -11,9 +11,7 @@ import errno
 import hashlib
 import http.client
 import logging
-import os
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +23,7 @@ from typing import Any, BinaryIO
 from tqdm import tqdm
 
 from modiff.errors import UserError
+from modiff.io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +93,12 @@ def fetch(
     kind, location = _parse_source(source)
     dest.parent.mkdir(parents=True, exist_ok=True)
     logger.info("fetching %s to %s", source, dest)
-    tmp = _temp_path(dest)
-    try:
+    with atomic_output(dest) as tmp:  # renamed onto dest only once verified
         if kind == "http":
             actual = _download(location, tmp, dest, expected, timeout, retries, progress)
         else:
             actual = _copy_local(Path(location), tmp, expected, progress, dest.name)
         _verify(source, expected, actual)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful replace
     logger.info("verified %s (%s)", dest, ", ".join(f"{a} {d}" for a, d in expected.items()))
     return dest
 
@@ -160,14 +155,6 @@ def _parse_source(source: str) -> tuple[str, str]:
     if scheme == "file" and parts.netloc in ("", "localhost"):
         return "path", urllib.request.url2pathname(parts.path)
     raise FetchError(f"unsupported source {source!r}: use an http(s) URL, a file:// URL or a path")
-
-
-def _temp_path(dest: Path) -> Path:
-    """A fresh, uniquely named file next to ``dest`` so the final os.replace is atomic."""
-    with tempfile.NamedTemporaryFile(
-        delete=False, dir=dest.parent, prefix=dest.name + ".part-"
-    ) as handle:
-        return Path(handle.name)
 
 
 def _copy_hashing(

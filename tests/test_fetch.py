@@ -278,3 +278,17 @@ def test_digest_is_required_and_validated(tmp_path: Path) -> None:
 def test_unsupported_scheme(tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="unsupported"):
         fetch("ftp://example.org/x.ckpt", tmp_path / "x", sha256=SHA256)
+
+
+def test_fetched_file_has_the_usual_permissions(server: Server, tmp_path: Path) -> None:
+    """Written through the project's one atomic-write helper: the umask's mode (0644 here),
+    not a private temporary file's 0600, which would stick to the checkpoint."""
+    server.routes["/model.ckpt"] = serve(BODY)
+    dest = tmp_path / "model.ckpt"
+    old = os.umask(0o022)
+    try:
+        fetch(server.url("/model.ckpt"), dest, sha256=SHA256, progress=False)
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == 0o644
+    assert leftovers(dest.parent) == ["model.ckpt"]
