@@ -68,7 +68,7 @@ def test_split_input_halves_share_one_output_cache(backend, kernel):
         out = split(torch.cat([head, tail], 1))
         expected = first.float_op(first.a_hat, first.bias) + second.float_op(second.a_hat, None)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    assert out is first.o_hat and second.o_hat is None
+    assert out.data_ptr() == first.o_hat.data_ptr() and second.o_hat is None  # one cache
     assert cache_bytes(split) == 2 * heads[0].numel() * 4 + out.numel() * 4
 
 
@@ -178,6 +178,26 @@ def test_output_kept_by_the_caller_is_not_overwritten():
     fresh = _layer("compensated", "native", scale=0.05)
     for x, kept in zip(seq, outputs, strict=True):
         torch.testing.assert_close(kept, fresh(x).clone(), rtol=0, atol=0)
+
+
+@pytest.mark.native
+def test_output_dropped_by_the_caller_is_updated_in_place():
+    layer = _layer("compensated", "native", scale=0.05)
+    addresses = {layer(x).data_ptr() for x in _random_walk(4, 0.05)}  # each output dropped at once
+    assert len(addresses) == 1  # so the kernel added into the same cache every step, no copy
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_an_output_modified_in_place_is_an_error_not_a_corrupt_cache(backend):
+    layer = _layer("compensated", backend, scale=0.05)
+    model = nn.Sequential(layer, nn.ReLU(inplace=True))
+    seq = _random_walk(3, 0.05)
+    model(seq[0])
+    with pytest.raises(RuntimeError, match="modified in place.*clone it"):
+        model(seq[1])
+    reset_caches(model)
+    plain = nn.Sequential(layer, nn.ReLU())  # the same layer with an out-of-place consumer
+    assert all(plain(x).min() >= 0 for x in seq)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ for simulation) are built once, in the constructor.
 
 from __future__ import annotations
 
-import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +223,7 @@ class QuantLayer(nn.Module):
         self.a_hat = None  # input accumulator (reconstructed input)
         self.o_hat = None  # output cache: the layer applied to a_hat, bias included once
         self.a_prev = None  # true previous input (uncompensated mode only)
+        self._handed, self._handed_version = None, 0  # o_hat as last returned (see _hand_out)
 
     def _forward_modulated(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         if self.config.backend == "native":  # before any cache changes: a refused call keeps them
@@ -231,9 +232,38 @@ class QuantLayer(nn.Module):
             self._warm_up(x, into)
         else:
             self._check_cache(x)
+            self._claim_output_cache()
             self._modulated_step(x, into)
-        # Handed out as is; the next step updates it in place only if nobody kept it.
-        return self.o_hat if into is None else into
+        return self._hand_out() if into is None else into
+
+    # The output cache is handed to the caller without a copy, as a view (its own Python object
+    # sharing the cache's memory and version counter). Contract: the caller reads it, and may
+    # keep it; it never modifies it in place. At the next step the layer checks the version
+    # counter (a change is an error, not a silently corrupted cache) and, if the view is still
+    # alive, updates a copy instead of the memory the caller holds.
+
+    def _hand_out(self) -> torch.Tensor:
+        out = self.o_hat.view_as(self.o_hat)
+        self._handed, self._handed_version = weakref.ref(out), out._version
+        return out
+
+    def _claim_output_cache(self) -> None:
+        if self._handed is None:
+            return
+        if self.o_hat._version != self._handed_version:
+            raise RuntimeError(
+                "the output of a modulated (MoDiff) layer was modified in place after it was "
+                "returned (e.g. by ReLU(inplace=True) or +=); it is the layer's output cache: "
+                "clone it before modifying it"
+            )
+        if self._handed() is not None:  # the caller kept last step's output: leave it intact
+            self.o_hat = self.o_hat.clone()
+        self._handed = None
+
+    def partner_added_into_output(self, out: torch.Tensor) -> None:
+        """The other half of a split layer added its part into this layer's handed-out cache
+        (``out``): an update of the cache by its owners, not by a caller."""
+        self._handed_version = out._version
 
     def accumulate_(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         """Add this modulated layer's output for ``x`` into another layer's output cache.
@@ -282,8 +312,6 @@ class QuantLayer(nn.Module):
             else:
                 self.o_hat = self.o_hat + self.float_op(dq, None)
             return
-        if into is None and not _sole_owner(self.o_hat):  # the caller kept last step's output
-            self.o_hat = self.o_hat.clone()
         accum = self.o_hat if into is None else into
         if per_sample:  # unit input scale, then each sample's output times its scale
             accum.add_(self._int_op(codes, 1.0, 128 - self.code_shift, None) * scale_b)
@@ -324,15 +352,6 @@ def _rows(t: torch.Tensor, channel_dim: int, in_place: bool = False) -> torch.Te
     return t.view(-1, t.shape[-1]) if in_place else t.reshape(-1, t.shape[-1])
 
 
-def _sole_owner(t: torch.Tensor) -> bool:
-    """Whether no other tensor or name holds ``t``'s memory (safe to update in place).
-
-    Counts Python references to the tensor (the attribute and this call's argument) and
-    tensors sharing its storage (the tensor itself and the temporary storage handle).
-    """
-    return sys.getrefcount(t) <= 3 and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
-
-
 class SplitInputLayer(nn.Module):
     """A layer whose input is cat([h, skip]) along channels, each part quantized on its own.
 
@@ -349,7 +368,9 @@ class SplitInputLayer(nn.Module):
         head, tail = x[:, : self.split], x[:, self.split :]
         first, second = self.parts
         if first.config.modulation != "none":  # one output cache for both halves (their sum)
-            return second.accumulate_(tail, first(head))
+            out = second.accumulate_(tail, first(head))
+            first.partner_added_into_output(out)
+            return out
         return first(head) + second(tail)
 
 
