@@ -11,7 +11,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-REFERENCE = ROOT.parent / "shared" / "reference"
 # Unit tests run the fused MoDiff passes eagerly (compiling costs seconds per test process);
 # tests/test_modulation.py checks the compiled ones against them, the pipeline test runs them.
 os.environ.setdefault("MODIFF_COMPILE", "0")
