@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import threading
@@ -209,10 +210,14 @@ def _digits_kwargs(
         )
     register_digits_feature_extractor()
     ref = digits_images()
+    # The key follows the classifier's weights and the reference images themselves (as the
+    # data code makes them today): either changing gives new statistics, never stale ones.
+    images_digest = hashlib.sha256(repr(ref.shape).encode() + ref.tobytes()).hexdigest()
     kwargs = {
         "input2": UInt8ImageDataset(ref),
-        # A new classifier changes the hash, so stale reference statistics are never reused.
-        "input2_cache_name": f"{reference}-full-{file_digest(weights, 'sha256')[:16]}",
+        "input2_cache_name": (
+            f"{reference}-full-{file_digest(weights, 'sha256')[:16]}-{images_digest[:16]}"
+        ),
         "feature_extractor_weights_path": str(weights),
         # In-memory 8x8 images: DataLoader worker processes would cost more than they save.
         "save_cpu_ram": True,

@@ -125,6 +125,22 @@ def test_reference_cache_is_keyed_by_classifier_weights(
     assert math.isnan(other["kid"]) and math.isnan(other["kid_std"])
 
 
+def test_reference_cache_follows_the_reference_images(
+    digits_results: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changed reference images (the data code changed) get their own statistics."""
+    from modiff import metrics
+
+    cache, half = tmp_path / "cache", digits_results["sets"]["half"]
+    before = compute_fid(half, preset="digits", fid_config=DIGITS_CFG, cache_dir=cache, kid=False)
+    flipped = digits_images()[:, :, ::-1].copy()  # e.g. a preprocessing change in modiff.data
+    monkeypatch.setattr(metrics, "digits_images", lambda: flipped)
+    after = compute_fid(half, preset="digits", fid_config=DIGITS_CFG, cache_dir=cache, kid=False)
+    keys = {p.name.split("-digits-classifier")[0] for p in cache.iterdir()}
+    assert len(keys) == 2, keys  # one set of reference statistics each
+    assert after["fid"] != pytest.approx(before["fid"])
+
+
 def test_small_sample_sets_use_a_smaller_kid_subset(tmp_path: Path) -> None:
     out = compute_fid(
         digits_images()[:10], preset="digits", fid_config=DIGITS_CFG, cache_dir=tmp_path
