@@ -50,7 +50,7 @@ def residual_range_eager(
     if per_sample:
         dims = tuple(range(1, x.dim()))
         return residual.amin(dim=dims), residual.amax(dim=dims)
-    return residual.amin(), residual.amax()
+    return torch.aminmax(residual)
 
 
 class _Fused:

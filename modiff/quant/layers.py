@@ -83,6 +83,9 @@ class QuantLayer(nn.Module):
         """
         if self.config.backend == "native":
             self._init_native()
+        # Static scale and zero point as Python numbers, bound once rather than read per call.
+        static = self.act_scale is not None
+        self._static = (float(self.act_scale), int(self.act_zero_point)) if static else None
         if self.config.backend == "simulated" or self.config.modulation != "none":
             w_shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
             w_float = self.weight_codes.float() * self.weight_scale.reshape(w_shape)
@@ -128,7 +131,7 @@ class QuantLayer(nn.Module):
         if self.config.a_granularity == "per_sample":
             dims = tuple(range(1, x.dim()))
             return self._params_for_range(x.amin(dim=dims), x.amax(dim=dims))
-        return self._params_for_range(x.amin(), x.amax())
+        return self._params_for_range(*torch.aminmax(x))
 
     def _params_for_range(self, lo: torch.Tensor, hi: torch.Tensor):
         if self.config.a_symmetric:
@@ -154,9 +157,10 @@ class QuantLayer(nn.Module):
             return self.float_op(xq, bias)
         self._check_native(x)
         if scale.dim() == 0:
-            zp_k = int(zp) - self.code_shift
-            codes = kernels.quantize_activation(x, float(scale), zp_k, 0, self.code_max)
-            return self._int_op(codes, float(scale), zp_k, bias)
+            scale_f, zp_f = self._static or (float(scale), int(zp))
+            zp_k = zp_f - self.code_shift
+            codes = kernels.quantize_activation(x, scale_f, zp_k, 0, self.code_max)
+            return self._int_op(codes, scale_f, zp_k, bias)
         # One scale per sample: quantize each sample by its own scale, run the kernel with a
         # unit input scale, rescale each sample's output, then add the bias once.
         zp_k = 128 - self.code_shift
@@ -315,6 +319,9 @@ class QuantLayer(nn.Module):
         accum = self.o_hat if into is None else into
         if per_sample:  # unit input scale, then each sample's output times its scale
             accum.add_(self._int_op(codes, 1.0, 128 - self.code_shift, None) * scale_b)
+        elif self._static:
+            scale_f, zp_f = self._static
+            self._int_op_accumulate_(codes, scale_f, zp_f - self.code_shift, accum)
         else:
             self._int_op_accumulate_(codes, float(scale), int(zp), accum)
 
