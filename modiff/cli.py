@@ -119,10 +119,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )
     _configure_process(params)
     backend = None
-    if args.qparams:
+    if args.qparams:  # read and checked first: a bad file fails before the model is loaded
+        from modiff.quant import QuantConfig
         from modiff.quant.api import read_quant_params
 
-        backend = args.backend or read_quant_params(args.qparams)["config"]["backend"]
+        saved = QuantConfig.from_dict(read_quant_params(args.qparams)["config"])
+        backend = args.backend or saved.backend
     execution = resolve_execution(params["device"], backend)
     device = execution.device
     model = _load_model(preset, args.checkpoint, device)
@@ -254,6 +256,14 @@ def cmd_fid(args: argparse.Namespace) -> None:
 
     params, preset = _settings(args)
     images, meta = load_images(args.samples)
+    reference = None
+    if args.reference_samples:  # checked before the features are computed
+        reference, ref_meta = load_images(args.reference_samples)
+        if ref_meta.get("indices") != meta.get("indices") or ref_meta["seed"] != meta["seed"]:
+            raise ValueError(
+                f"{args.reference_samples} holds other images (indices/seed) than {args.samples}: "
+                "PSNR compares samples from the same x_T"
+            )
     result = compute_fid(
         images,
         preset=preset["name"],
@@ -263,16 +273,10 @@ def cmd_fid(args: argparse.Namespace) -> None:
     )
     result["variant"] = meta.get("variant", Path(args.samples).stem)
     result["samples"] = str(args.samples)
-    if args.reference_samples:
+    if reference is not None:
         from modiff.metrics import psnr
         from modiff.results import psnr_summary
 
-        reference, ref_meta = load_images(args.reference_samples)
-        if ref_meta.get("indices") != meta.get("indices") or ref_meta["seed"] != meta["seed"]:
-            raise ValueError(
-                f"{args.reference_samples} holds other images (indices/seed) than {args.samples}: "
-                "PSNR compares samples from the same x_T"
-            )
         result.update(psnr_summary(psnr(images, reference)))
     result["steps"] = meta.get("sampling", {}).get("steps")
     result["method"] = meta.get("method")

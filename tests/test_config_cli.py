@@ -1,5 +1,6 @@
 """Bad input gets a clear error before any work; the CLI lists and documents its stages."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -194,3 +195,67 @@ def test_a_checkpoint_changed_after_fetching_is_refused_at_load(params_file, tmp
     assert str(Path("data/checkpoints/digits.ckpt")) in err and "modiff fetch" in err, err
     with pytest.raises(ChecksumError, match="changed since it was fetched"):
         bench.run(load_params(params_file))
+
+
+@pytest.mark.parametrize(
+    ("variant", "qparams"), [("qdiff-static-w8a8", None), ("fp32", "data/quant/x.pt")]
+)
+def test_variant_and_qparams_must_agree(params_file, capsys, variant, qparams):
+    args = ["sample", "--params", str(params_file), "--variant", variant, "--out", "s.npz"]
+    assert main(args + (["--qparams", qparams] if qparams else [])) == 2
+    assert "a quantized --variant needs --qparams" in capsys.readouterr().err
+
+
+def test_psnr_against_other_images_is_refused_before_any_features(params_file, tmp_path, capsys,
+                                                                  monkeypatch):  # fmt: skip
+    from modiff import metrics
+    from modiff.io import save_images
+
+    monkeypatch.setattr(metrics, "compute_fid", lambda *a, **k: pytest.fail("computed FID"))
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    save_images(tmp_path / "q.npz", images, indices=[0, 4], seed=0)
+    save_images(tmp_path / "ref.npz", images, indices=[4, 8], seed=0)
+    args = [
+        "fid",
+        "--params",
+        str(params_file),
+        "--samples",
+        str(tmp_path / "q.npz"),
+        "--reference-samples",
+        str(tmp_path / "ref.npz"),
+        "--out",
+        str(tmp_path / "m.json"),
+    ]
+    assert main(args) == 2  # fmt: skip
+    assert "holds other images (indices/seed)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [({"format": "modiff-calibration-v1"}, "is not a modiff quantization parameters file"),
+     ("qparams-with-unknown-field", "unknown QuantConfig fields \\['colour'\\]")],
+)  # fmt: skip
+def test_a_bad_qparams_file_is_named(params_file, tmp_path, capsys, blob, message):
+    import torch
+
+    from modiff.quant import QuantConfig
+    from modiff.quant.api import PARAMS_FORMAT
+
+    if blob == "qparams-with-unknown-field":
+        blob = {"format": PARAMS_FORMAT, "config": {**QuantConfig().to_dict(), "colour": "red"},
+                "layers": {}, "fingerprint": ""}  # fmt: skip
+    torch.save(blob, tmp_path / "q.pt")
+    args = ["sample", "--params", str(params_file), "--variant", "x", "--qparams",
+            str(tmp_path / "q.pt"), "--out", str(tmp_path / "s.npz")]  # fmt: skip
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_config_that_selects_no_layer_is_an_error():
+    from torch import nn
+
+    from modiff.quant import QuantConfig, quantize_
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with pytest.raises(ValueError, match="selects no Conv2d/Linear layer"):
+        quantize_(model, QuantConfig(a_scale="dynamic", include=("nothing.*",)))

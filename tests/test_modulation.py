@@ -265,3 +265,10 @@ def test_a_refused_native_call_leaves_the_caches_as_they_were():
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         layer(torch.randn(2, 4, 5, 5, device="meta"))
     assert layer.a_hat is None and layer.o_hat is None
+
+
+@pytest.mark.native
+def test_plain_native_layers_refuse_tensors_off_the_cpu():
+    layer = _layer("none", "native", scale=0.05)
+    with pytest.raises(RuntimeError, match="runs on the CPU; use 'simulated'"):
+        layer(torch.randn(2, 4, 5, 5, device="meta"))  # as a CUDA tensor would be
