@@ -272,3 +272,22 @@ def test_plain_native_layers_refuse_tensors_off_the_cpu():
     layer = _layer("none", "native", scale=0.05)
     with pytest.raises(RuntimeError, match="runs on the CPU; use 'simulated'"):
         layer(torch.randn(2, 4, 5, 5, device="meta"))  # as a CUDA tensor would be
+
+
+def test_plain_layers_carry_no_modulation_state():
+    layer = _layer("none", "simulated", scale=0.05)
+    reset_caches(nn.Sequential(layer))
+    layer(torch.randn(2, 4, 5, 5))
+    assert not any(hasattr(layer, name) for name in ("a_hat", "o_hat", "a_prev", "_handed"))
+    assert cache_bytes(layer) == 0
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_modulated_layers_run_under_inference_mode(backend):
+    """Inference tensors keep no version counter: the layer still steps (the benchmark's mode)."""
+    layer, fresh = (_layer("compensated", backend, scale=0.05) for _ in range(2))
+    seq = _random_walk(3, 0.05)
+    with torch.inference_mode():
+        outputs = [layer(x).clone() for x in seq]
+    for x, out in zip(seq, outputs, strict=True):
+        torch.testing.assert_close(out, fresh(x).clone(), rtol=0, atol=0)

@@ -223,7 +223,10 @@ class QuantLayer(nn.Module):
     # -- MoDiff modulation -------------------------------------------------------------------
 
     def reset_cache(self) -> None:
-        """Forget the trajectory: the next call is a warm-up step."""
+        """Forget the trajectory: the next call is a warm-up step (modulated layers only: a
+        plain INT8 layer carries no modulation state)."""
+        if self.config.modulation == "none":
+            return
         self.a_hat = None  # input accumulator (reconstructed input)
         self.o_hat = None  # output cache: the layer applied to a_hat, bias included once
         self.a_prev = None  # true previous input (uncompensated mode only)
@@ -244,17 +247,18 @@ class QuantLayer(nn.Module):
     # sharing the cache's memory and version counter). Contract: the caller reads it, and may
     # keep it; it never modifies it in place. At the next step the layer checks the version
     # counter (a change is an error, not a silently corrupted cache) and, if the view is still
-    # alive, updates a copy instead of the memory the caller holds.
+    # alive, updates a copy instead of the memory the caller holds. (Tensors made under
+    # torch.inference_mode() keep no version counter: there only the second half applies.)
 
     def _hand_out(self) -> torch.Tensor:
         out = self.o_hat.view_as(self.o_hat)
-        self._handed, self._handed_version = weakref.ref(out), out._version
+        self._handed, self._handed_version = weakref.ref(out), _version(out)
         return out
 
     def _claim_output_cache(self) -> None:
         if self._handed is None:
             return
-        if self.o_hat._version != self._handed_version:
+        if _version(self.o_hat) != self._handed_version:
             raise RuntimeError(
                 "the output of a modulated (MoDiff) layer was modified in place after it was "
                 "returned (e.g. by ReLU(inplace=True) or +=); it is the layer's output cache: "
@@ -267,7 +271,7 @@ class QuantLayer(nn.Module):
     def partner_added_into_output(self, out: torch.Tensor) -> None:
         """The other half of a split layer added its part into this layer's handed-out cache
         (``out``): an update of the cache by its owners, not by a caller."""
-        self._handed_version = out._version
+        self._handed_version = _version(out)
 
     def accumulate_(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
         """Add this modulated layer's output for ``x`` into another layer's output cache.
@@ -339,6 +343,8 @@ class QuantLayer(nn.Module):
 
     def cache_bytes(self) -> int:
         """Memory held by this layer's modulation caches."""
+        if self.config.modulation == "none":
+            return 0
         tensors = (self.a_hat, self.o_hat, self.a_prev)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -357,6 +363,11 @@ def _rows(t: torch.Tensor, channel_dim: int, in_place: bool = False) -> torch.Te
     if channel_dim != -1:
         t = t.movedim(channel_dim, -1)
     return t.view(-1, t.shape[-1]) if in_place else t.reshape(-1, t.shape[-1])
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place change); None for inference tensors."""
+    return None if t.is_inference() else t._version
 
 
 class SplitInputLayer(nn.Module):
