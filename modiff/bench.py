@@ -462,8 +462,8 @@ def int8_accuracy(
     """eps error against FP32 on calibration inputs of ``case``'s (trained) model: each
     unmodulated ``bench.variants`` entry, its simulated twin (the native one must match it) and
     every available peer's INT8, all calibrated on the same (about 256) inputs."""
+    from modiff.calibration import collect_calibration
     from modiff.peers import QDQ_IN_FLOAT, PeerVariant, eps_errors
-    from modiff.quant.calibration import collect_calibration
 
     if calibration is None:
         c = case.config["calibration"]

@@ -190,7 +190,7 @@ def cmd_damage(args: argparse.Namespace) -> None:
 
 def cmd_calib_data(args: argparse.Namespace) -> None:
     """Time-step-aware calibration inputs (with previous-step inputs) from FP32 sampling."""
-    from modiff.quant.calibration import collect_calibration, save_calibration
+    from modiff.calibration import collect_calibration, save_calibration
     from modiff.runtime import resolve_execution
 
     params, preset = _settings(args)
@@ -221,9 +221,9 @@ def _calibration_meta(params: dict[str, Any], preset: dict[str, Any], checkpoint
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Quantize the preset model (scale search on calibration data); save its parameters."""
+    from modiff.calibration import load_calibration
     from modiff.quant import QuantConfig, quantize_
     from modiff.quant.api import save_quant_params, target_layers, weights_fingerprint
-    from modiff.quant.calibration import load_calibration
 
     params, preset = _settings(args)
     _configure_process(params)
@@ -313,7 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     params, preset = _settings(args)
     calibration = None
     if args.calib:
-        from modiff.quant.calibration import load_calibration
+        from modiff.calibration import load_calibration
 
         meta = _calibration_meta(params, preset, None)
         calibration = load_calibration(args.calib, meta)

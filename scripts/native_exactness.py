@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modiff.calibration import collect_calibration
 from modiff.checkpoint import load_into
 from modiff.config import load_params, preset_config
 from modiff.models import build_model
 from modiff.quant import QuantConfig, kernels, quantize_
-from modiff.quant.calibration import collect_calibration
 from modiff.quant.layers import LayerParams, QuantLayer, native_schemes
 from modiff.runtime import configure_process
 

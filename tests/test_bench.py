@@ -81,10 +81,10 @@ def test_benchmark_of_the_pipeline_records_accuracy_and_skipped_peers(monkeypatc
         "bench.cifar10=false", "bench.variants=[w8a8-native]", "bench.peers=[openvino]",
         "presets.digits.calibration.cali_st=4", "presets.digits.sampling.steps=8",
     ])  # fmt: skip
+    from modiff.calibration import collect_calibration
     from modiff.checkpoint import load_into
     from modiff.config import preset_config
     from modiff.models import build_model
-    from modiff.quant.calibration import collect_calibration
 
     preset = preset_config(params)
     model = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").eval()

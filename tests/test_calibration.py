@@ -2,16 +2,16 @@ import pytest
 import torch
 from conftest import ROOT
 
-from modiff.checkpoint import load_into
-from modiff.config import load_params, preset_config
-from modiff.models import build_model
-from modiff.quant.calibration import (
+from modiff.calibration import (
     CalibrationMismatch,
     collect_calibration,
     kept_steps,
     load_calibration,
     save_calibration,
 )
+from modiff.checkpoint import load_into
+from modiff.config import load_params, preset_config
+from modiff.models import build_model
 
 
 def test_kept_steps_each_have_a_previous_step():
@@ -55,3 +55,17 @@ def test_calibration_file_for_other_settings_is_refused(digits, tmp_path):
         load_calibration(tmp_path / "cal.pt", {**meta, "checkpoint_sha256": "cd" * 32})
     with pytest.raises(FileNotFoundError, match="modiff calib-data"):
         load_calibration(tmp_path / "missing.pt", meta)
+
+
+def test_quant_does_not_import_the_sampler_or_calibration_data():
+    """Layering: quant/ quantizes modules; the sampler (diffusion) calls into quant, and the
+    calibration data is collected by the sampler, so quant/ imports neither (no cycle)."""
+    import ast
+
+    for path in sorted((ROOT / "modiff" / "quant").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        sampler = ("modiff.diffusion", "modiff.calibration")
+        bad = {m for m in imported if m and m.startswith(sampler)}
+        assert not bad, f"{path.name} imports {bad}"

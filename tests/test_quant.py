@@ -5,6 +5,7 @@ import torch
 from conftest import ROOT, tiny_config
 from torch import nn
 
+from modiff.calibration import collect_calibration
 from modiff.checkpoint import load_into
 from modiff.config import load_params, preset_config
 from modiff.models import build_model
@@ -15,7 +16,6 @@ from modiff.quant.api import (
     target_layers,
     weights_fingerprint,
 )
-from modiff.quant.calibration import collect_calibration
 from modiff.quant.layers import QuantLayer, SplitInputLayer
 from modiff.quant.quantizer import (
     act_grid,

@@ -2,7 +2,8 @@ rule calib_data:
     """Time-step-aware calibration inputs (x_t and x_prev) from FP32 trajectories."""
     input:
         ckpt=rules.fetch_checkpoint.output[0],
-        code=code("cli", "diffusion", "models", "checkpoint", "runtime", "quant"),
+        code=code("cli", "diffusion", "models", "checkpoint", "fetch", "runtime", "quant",
+                  "calibration"),
     output:
         f"data/calibration/{PRESET}.pt",
     params:
@@ -26,7 +27,7 @@ rule calibrate:
     input:
         calib=rules.calib_data.output[0],
         ckpt=rules.fetch_checkpoint.output[0],
-        code=code("cli", "models", "checkpoint", "quant"),
+        code=code("cli", "models", "checkpoint", "fetch", "quant", "calibration"),
     output:
         "data/quant/{variant}.pt",
     params:

@@ -14,11 +14,11 @@ DAMAGED = [f"fp32-noise{sigma:g}" for sigma in config["damage_check"]["sigmas"]]
 PKG = {
     name: f"modiff/{name}.py"
     for name in ("cli", "config", "fetch", "checkpoint", "diffusion", "io", "metrics", "classifier",
-                 "plots", "runtime", "bench", "peers", "results", "report")
+                 "plots", "runtime", "bench", "peers", "results", "report", "calibration", "data")
 }
 PKG["models"] = "modiff/models/unet.py"
 PKG["schema"] = "modiff/params.schema.yaml"
-PKG["quant"] = [f"modiff/quant/{m}.py" for m in ("api", "calibration", "config", "fused", "kernels", "layers", "quantizer")]
+PKG["quant"] = [f"modiff/quant/{m}.py" for m in ("api", "config", "fused", "kernels", "layers", "quantizer")]
 
 
 def lookup(key):

@@ -3,7 +3,7 @@ rule fid:
     input:
         samples="results/samples/{name}.npz",
         reference=reference_samples,
-        code=code("cli", "metrics", "classifier", "io", "results"),
+        code=code("cli", "metrics", "classifier", "data", "fetch", "io", "results"),
     output:
         "results/metrics/{name}.json",
     params:
@@ -45,8 +45,8 @@ rule bench:
     """Per-step latency and memory: the grid on the preset model, FP32/INT8/MoDiff and the peer
     engines on CIFAR-10's UNet; INT8 accuracy against FP32 on the preset model."""
     input:
-        code=code("cli", "config", "checkpoint", "models", "diffusion", "runtime", "bench",
-                  "peers", "quant"),
+        code=code("cli", "config", "checkpoint", "fetch", "models", "diffusion", "runtime", "bench",
+                  "peers", "quant", "calibration"),
         ckpt=rules.fetch_checkpoint.output[0],
         calib=rules.calib_data.output[0],
     output:

@@ -7,7 +7,8 @@ rule sample_shard:
     input:
         ckpt=rules.fetch_checkpoint.output[0],
         qparams=qparams,
-        code=code("cli", "config", "diffusion", "models", "checkpoint", "io", "runtime", "quant"),
+        code=code("cli", "config", "diffusion", "models", "checkpoint", "fetch", "io", "runtime",
+                  "quant"),
     output:
         temp("results/samples/{variant}/shard-{shard}.npz"),
     params:
