@@ -73,9 +73,6 @@ def override_profile(dest: Path, slurm_conf: Path) -> Path:
         "retries": 0,
         "latency-wait": 5,
         "slurm-init-seconds-before-status-checks": 2,
-        # Jobs here take seconds: with the default 10 s between squeue rounds every level of
-        # the DAG waited about 14 s for its jobs to be seen finished.
-        "seconds-between-status-checks": 1,
         "slurm-keep-successful-logs": True,
         "default-resources": capped(profile["default-resources"]) | {"slurm_partition": partition},
         "set-resources": {rule: capped(res) for rule, res in profile["set-resources"].items()},
@@ -123,6 +120,12 @@ def runs(
     assert smoke_run.result.returncode == 0, smoke_run.result.stderr[-3000:]
     local, slurm = smoke_run.project, copy_project(tmp_path_factory.mktemp("slurm"))
     smoke_params(slurm / "params.yaml")
+    # A part of the local run's grid (its images do not depend on the other entries): every
+    # job on this 2-core node runs alone and costs about 14 s of the plugin's status polling.
+    params = yaml.safe_load((slurm / "params.yaml").read_text())
+    params["variants"] = params["variants"][-1:]
+    params["damage_check"]["sigmas"] = params["damage_check"]["sigmas"][:1]
+    (slurm / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     override = override_profile(tmp_path_factory.mktemp("profile"), Path(cluster["SLURM_CONF"]))
     args = ("--profile", "workflow/profiles/slurm", "--profile", str(override))
     run = snakemake(slurm, *args, "results/report.md", env=cluster)
@@ -160,10 +163,8 @@ def test_slurm_jobs_give_the_local_results(runs: Runs):
     logs = {p.stem for p in (runs.slurm / ".snakemake" / "slurm_logs").rglob("*.log")}
     assert logs == set(jobids)
 
-    samples = sorted(p.name for p in (runs.local / "results" / "samples").glob("*.npz"))
-    assert samples and samples == sorted(
-        p.name for p in (runs.slurm / "results" / "samples").glob("*.npz")
-    )
+    samples = sorted(p.name for p in (runs.slurm / "results" / "samples").glob("*.npz"))
+    assert len(samples) == 3  # FP32, the variant, FP32 with noise: each also made locally
     for name in samples:
         (local_images, local_meta), (images, meta) = (
             sample_meta(project / "results" / "samples" / name)
@@ -171,8 +172,8 @@ def test_slurm_jobs_give_the_local_results(runs: Runs):
         )
         assert images.dtype == local_images.dtype and images.tobytes() == local_images.tobytes()
         assert meta == local_meta
-    metrics = sorted(p.name for p in (runs.local / "results" / "metrics").glob("*.json"))
-    assert metrics
+    metrics = sorted(p.name for p in (runs.slurm / "results" / "metrics").glob("*.json"))
+    assert len(metrics) == 3
     for name in metrics:
         local_json, slurm_json = (
             json.loads((project / "results" / "metrics" / name).read_text())
