@@ -3,7 +3,8 @@
 A layer's quantization state is explicit tensors handed to its constructor: int8 weight codes,
 per-output-channel weight scales, the float bias, and, for static activations, the activation
 scale and zero point. Derived forms (the packed weight for the kernels, the dequantised weight
-for simulation) are built once, in the constructor.
+for simulation, the static scale as a number) are built from them in the constructor and again
+after every ``load_state_dict``, so they cannot go stale.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ class QuantLayer(nn.Module):
     # keep it; it never modifies it in place. At the next step the layer checks the version
     # counter (a change is an error, not a silently corrupted cache) and, if the view is still
     # alive, updates a copy instead of the memory the caller holds. (Tensors made under
-    # torch.inference_mode() keep no version counter: there only the second half applies.)
+    # torch.inference_mode() keep no version counter: there only the second half applies. A
+    # caller that keeps only a further view of the output, not the output, must clone it.)
 
     def _hand_out(self) -> torch.Tensor:
         out = self.o_hat.view_as(self.o_hat)
