@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import run_in
 
 from modiff.io import load_images
@@ -92,3 +93,15 @@ def test_calibration_reruns_to_the_same_bytes(project):
                 "data/calibration/digits.pt", "--out", "again.pt")  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert (project / "again.pt").read_bytes() == (project / f"data/quant/{name}.pt").read_bytes()
+
+
+def test_sampling_more_images_does_not_recalibrate(project, tmp_path):
+    """Calibration depends on the sampler's steps, skip type and eta, not on n_samples."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["presets"]["digits"]["sampling"]["n_samples"] = 60
+    more = tmp_path / "more.yaml"
+    more.write_text(yaml.safe_dump(params, sort_keys=False))  # key order is part of the params
+    plan = snakemake(project, "-n", "results/report.md", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):", plan.stdout, re.M))
+    assert "sample_shard" in jobs and not jobs & {"calib_data", "calibrate"}, jobs

@@ -9,7 +9,7 @@ rule calib_data:
     params:
         settings=settings(
             "preset", "seed", "threads", "device",
-            *preset_keys("model", "data", "diffusion", "checkpoint", "sampling", "calibration"),
+            *preset_keys("model", "data", "diffusion", "checkpoint", "calibration", *CALIB_SAMPLING),
         ),
     threads: config["threads"]
     conda:
@@ -33,7 +33,7 @@ rule calibrate:
     params:
         settings=settings(
             "preset", "seed", "threads", "quant",
-            *preset_keys("model", "data", "diffusion", "checkpoint", "sampling", "calibration"),
+            *preset_keys("model", "data", "diffusion", "checkpoint", "calibration", *CALIB_SAMPLING),
         ),
         variant=variant_settings,
     threads: config["threads"]

@@ -36,6 +36,11 @@ def settings(*keys):
     return " ".join(f"-S {shlex.quote(k + '=' + json.dumps(lookup(k)))}" for k in keys)
 
 
+# The sampler settings calibration depends on (the trajectories it records), not n_samples etc.:
+# changing how many images are sampled must not redo the calibration.
+CALIB_SAMPLING = ("sampling.steps", "sampling.skip_type", "sampling.eta")
+
+
 def preset_keys(*sections):
     return [f"presets.{PRESET}.{s}" for s in sections]
 
