@@ -118,13 +118,11 @@ def verified_checkpoint(preset: dict[str, Any]) -> Path:
     c = preset["checkpoint"]
     expected = _expected_digests(md5=c.get("md5"), sha256=c.get("sha256"))
     actual = _file_digests(path, expected)
-    for algorithm, digest in expected.items():
-        if actual[algorithm] != digest:
-            raise ChecksumError(
-                f"{path} has {algorithm} {actual[algorithm]}, not the {digest} params.yaml gives "
-                f"for preset '{preset['name']}': it changed since it was fetched; delete it and "
-                "run `modiff fetch`"
-            )
+    if not _digests_match(actual, expected):
+        raise ChecksumError(
+            f"{path} has {actual}, not the {expected} params.yaml gives for preset "
+            f"'{preset['name']}': it changed since it was fetched; delete it and run `modiff fetch`"
+        )
     return path
 
 
