@@ -1,4 +1,5 @@
-# modiff pipeline: `snakemake --cores N results/report.md`. Stages live in workflow/rules/.
+# modiff pipeline: `snakemake --cores N results/report.md`. Rules live in workflow/rules/; what
+# each stage runs, reads and writes is modiff/pipeline.py's stage table (dvc.yaml's source too).
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -17,7 +18,6 @@ wildcard_constraints:
     variant="fp32|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8]",
     shard=r"\d+",
     sigma=r"[0-9.e-]+",
-    name=r"fp32(-noise[0-9.e-]+)?|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8]",
 
 
 include: "workflow/rules/fetch.smk"

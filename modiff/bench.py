@@ -370,13 +370,12 @@ def grid_variants(
     params: dict[str, Any], cache_dir: str | None = None
 ) -> dict[str, VariantBuilder]:
     """Benchmark variants for params.yaml's variant grid, by the grid's names."""
+    from modiff.config import quantized_variants
     from modiff.quant import QuantConfig
 
     return {
-        v["name"]: QuantizedVariant(
-            QuantConfig.from_variant(v, params["quant"]), cache_dir=cache_dir
-        )
-        for v in params["variants"]
+        name: QuantizedVariant(QuantConfig.from_variant(v, params["quant"]), cache_dir=cache_dir)
+        for name, v in quantized_variants(params).items()
     }
 
 

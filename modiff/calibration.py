@@ -95,6 +95,21 @@ def collect_calibration(
     return {k: torch.cat(v) for k, v in keeper.data.items()}
 
 
+def calibration_meta(
+    params: dict[str, Any], preset: dict[str, Any], checkpoint: str | Path
+) -> dict[str, Any]:
+    """What a calibration file is made from: written into it, and demanded of it when loaded."""
+    from modiff.fetch import file_digest
+
+    return {
+        "preset": preset["name"],
+        "checkpoint_sha256": file_digest(checkpoint, "sha256"),
+        "seed": params["seed"],
+        "sampling": {k: preset["sampling"][k] for k in ("steps", "skip_type", "eta")},
+        "calibration": {k: preset["calibration"][k] for k in ("cali_st", "cali_n")},
+    }
+
+
 def save_calibration(data: dict[str, torch.Tensor], meta: dict[str, Any], dest: str | Path) -> None:
     with atomic_output(dest) as tmp, open(tmp, "wb") as fh:
         torch.save({"format": FORMAT, "meta": meta, **data}, fh)

@@ -31,15 +31,20 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
     return params, preset_config(params)
 
 
-def _load_model(preset: dict[str, Any], checkpoint: str | None, device: Any):
-    """The preset's model with ``checkpoint`` (a file of the user's), or else with the preset's
-    fetched checkpoint, verified against params.yaml's digest."""
-    from modiff.checkpoint import load_into
+def _checkpoint_file(preset: dict[str, Any], checkpoint: str | None) -> Path:
+    """``checkpoint`` (a file of the user's), or else the preset's fetched checkpoint, verified
+    against params.yaml's digest."""
     from modiff.fetch import verified_checkpoint
+
+    return Path(checkpoint) if checkpoint else verified_checkpoint(preset)
+
+
+def _load_model(preset: dict[str, Any], checkpoint: str | None, device: Any):
+    """The preset's model with its checkpoint (see :func:`_checkpoint_file`), in eval mode."""
+    from modiff.checkpoint import load_into
     from modiff.models import build_model
 
-    path = Path(checkpoint) if checkpoint else verified_checkpoint(preset)
-    model = load_into(build_model(preset), path)
+    model = load_into(build_model(preset), _checkpoint_file(preset, checkpoint))
     return model.eval().to(device)
 
 
@@ -113,28 +118,32 @@ def cmd_sample(args: argparse.Namespace) -> None:
         indices = shard_range(s, args.shard)
     else:
         indices = range(args.start, args.start + (args.n or s["n_samples"]))
-    if (args.variant != "fp32") != bool(args.qparams):
-        raise ValueError(
-            "a quantized --variant needs --qparams (from `modiff calibrate`), fp32 none"
-        )
     _configure_process(params)
     backend = None
     if args.qparams:  # read and checked first: a bad file fails before the model is loaded
         from modiff.quant import QuantConfig
         from modiff.quant.api import read_quant_params
 
-        saved = QuantConfig.from_dict(read_quant_params(args.qparams)["config"])
-        backend = args.backend or saved.backend
+        saved = read_quant_params(args.qparams)
+        made_for = saved.get("meta", {}).get("variant") or args.variant  # None: flags, no grid
+        if made_for != args.variant:
+            raise ValueError(
+                f"{args.qparams} holds variant {made_for}, not --variant {args.variant}: "
+                f"pass data/quant/{args.variant}.pt"
+            )
+        if saved["config"] is not None:
+            backend = args.backend or QuantConfig.from_dict(saved["config"]).backend
+    elif args.variant != "fp32":
+        raise ValueError("a quantized --variant needs --qparams (from `modiff calibrate`)")
     execution = resolve_execution(params["device"], backend)
     device = execution.device
     model = _load_model(preset, args.checkpoint, device)
-    method, qconfig = "fp32", None
+    qconfig = None
     if args.qparams:
         from modiff.quant.api import load_quantized
 
         model, qconfig = load_quantized(model.cpu(), args.qparams, backend=execution.backend)
         model = model.to(device)
-        method = "qdiff" if qconfig.modulation == "none" else "modiff"
     log.info("sampling %s: images %d..%d", args.variant, indices.start, indices.stop)
     t0 = time.perf_counter()
     images = sample_images(
@@ -151,7 +160,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     meta = {
         "variant": args.variant,
         "preset": preset["name"],
-        "method": method,
+        "method": "fp32" if qconfig is None else qconfig.method,
         "quant": None if qconfig is None else qconfig.to_dict(),
         "indices": [indices.start, indices.stop],
         "seed": params["seed"],
@@ -190,7 +199,7 @@ def cmd_damage(args: argparse.Namespace) -> None:
 
 def cmd_calib_data(args: argparse.Namespace) -> None:
     """Time-step-aware calibration inputs (with previous-step inputs) from FP32 sampling."""
-    from modiff.calibration import collect_calibration, save_calibration
+    from modiff.calibration import calibration_meta, collect_calibration, save_calibration
     from modiff.runtime import resolve_execution
 
     params, preset = _settings(args)
@@ -202,26 +211,14 @@ def cmd_calib_data(args: argparse.Namespace) -> None:
         model, preset, cali_st=c["cali_st"], cali_n=c["cali_n"], seed=params["seed"],
         batch_size=c["batch_size"], device=device,
     )  # fmt: skip
-    save_calibration(data, _calibration_meta(params, preset, args.checkpoint), args.out)
+    meta = calibration_meta(params, preset, _checkpoint_file(preset, args.checkpoint))
+    save_calibration(data, meta, args.out)
     log.info("wrote %d calibration inputs to %s", len(data["xs"]), args.out)
-
-
-def _calibration_meta(params: dict[str, Any], preset: dict[str, Any], checkpoint: str | None):
-    from modiff.config import checkpoint_path
-    from modiff.fetch import file_digest
-
-    return {
-        "preset": preset["name"],
-        "checkpoint_sha256": file_digest(checkpoint or checkpoint_path(preset["name"]), "sha256"),
-        "seed": params["seed"],
-        "sampling": {k: preset["sampling"][k] for k in ("steps", "skip_type", "eta")},
-        "calibration": {k: preset["calibration"][k] for k in ("cali_st", "cali_n")},
-    }
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Quantize the preset model (scale search on calibration data); save its parameters."""
-    from modiff.calibration import load_calibration
+    from modiff.calibration import calibration_meta, load_calibration
     from modiff.quant import QuantConfig, quantize_
     from modiff.quant.api import save_quant_params, target_layers, weights_fingerprint
 
@@ -230,19 +227,26 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if args.variant:
         from modiff.config import find_variant
 
-        config = QuantConfig.from_variant(find_variant(params, args.variant), params["quant"])
+        variant = find_variant(params, args.variant)
+        if variant["method"] == "fp32":  # the reference: nothing to calibrate, a file saying so
+            save_quant_params(None, None, "", args.out, {"variant": args.variant})
+            return
+        config = QuantConfig.from_variant(variant, params["quant"])
     else:
         config = QuantConfig(
             w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend,
             a_granularity=args.a_granularity, modulation=args.modulation, warmup=args.warmup,
         )  # fmt: skip
-    meta = _calibration_meta(params, preset, args.checkpoint)
-    calibration = load_calibration(args.calib, meta) if config.a_scale == "static" else None
+    from modiff.config import calibration_path
+
+    meta = calibration_meta(params, preset, _checkpoint_file(preset, args.checkpoint))
+    calib = args.calib or calibration_path(preset["name"])
+    calibration = load_calibration(calib, meta) if config.a_scale == "static" else None
     model = _load_model(preset, args.checkpoint, "cpu")
     fingerprint = weights_fingerprint(model, list(target_layers(model, config)))
     t0 = time.perf_counter()
     quantize_(model, config, calibration, seed=params["seed"])
-    meta["method"] = "Q-Diff-style calibration (MSE scale search, nearest rounding)"
+    meta.update(recipe=config.recipe, **({"variant": args.variant} if args.variant else {}))
     save_quant_params(model, config, fingerprint, args.out, meta)  # no run time, as for samples
     log.info("calibrated W%dA%d (%s) in %.0f s -> %s", config.w_bits, config.a_bits,
              config.a_scale, time.perf_counter() - t0, args.out)  # fmt: skip
@@ -252,6 +256,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     """FID and KID of a samples file against the preset's reference set."""
     from modiff.io import load_images
     from modiff.metrics import compute_fid
+    from modiff.results import fid_record
     from modiff.runtime import resolve_execution
 
     params, preset = _settings(args)
@@ -264,35 +269,25 @@ def cmd_fid(args: argparse.Namespace) -> None:
                 f"{args.reference_samples} holds other images (indices/seed) than {args.samples}: "
                 "PSNR compares samples from the same x_T"
             )
-    result = compute_fid(
+    scores = compute_fid(
         images,
         preset=preset["name"],
         fid_config=preset["fid"],
         cache_dir=args.cache_dir,
         device=resolve_execution(params["device"]).device.type,
     )
-    result["variant"] = meta.get("variant", Path(args.samples).stem)
-    result["samples"] = str(args.samples)
-    if reference is not None:
+    if reference is not None and ref_meta.get("variant") != meta.get("variant"):
         from modiff.metrics import psnr
-        from modiff.results import psnr_summary
 
-        result.update(psnr_summary(psnr(images, reference)))
-    result["steps"] = meta.get("sampling", {}).get("steps")
-    result["method"] = meta.get("method")
-    if "noise_sigma" in meta:
-        result["noise_sigma"] = meta["noise_sigma"]
-    quant = meta.get("quant") or {}
-    result["backend"] = quant.get("backend", "fp32")
-    result["device"] = meta.get("device")
-    result["kernels"] = meta.get("kernels")
-    result.update({k: quant[k] for k in ("w_bits", "a_bits", "a_scale") if k in quant})
+        record = fid_record(scores, args.samples, meta, psnr(images, reference))
+    else:  # no reference, or FP32 itself
+        record = fid_record(scores, args.samples, meta)
     if preset["fid"]["feature_extractor"] == "digits-classifier":
         from modiff.classifier import class_histogram, load_classifier
 
         classifier = load_classifier(preset["fid"]["classifier"])
-        result["class_histogram"] = class_histogram(classifier, images)
-    _write_metrics(result, args.out)
+        record["class_histogram"] = class_histogram(classifier, images)
+    _write_metrics(record, args.out)
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
@@ -313,9 +308,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     params, preset = _settings(args)
     calibration = None
     if args.calib:
-        from modiff.calibration import load_calibration
+        from modiff.calibration import calibration_meta, load_calibration
 
-        meta = _calibration_meta(params, preset, None)
+        meta = calibration_meta(params, preset, _checkpoint_file(preset, None))
         calibration = load_calibration(args.calib, meta)
     _configure_process(params)
     result = run(params, calibration)
@@ -324,10 +319,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _variant_files(params: dict[str, Any], folder: str, suffix: str) -> list[str]:
-    """``folder/<name><suffix>`` for FP32 and every variant of the grid."""
-    return [
-        f"{folder}/{name}{suffix}" for name in ["fp32", *(v["name"] for v in params["variants"])]
-    ]
+    """``folder/<name><suffix>`` for every variant of the grid."""
+    return [f"{folder}/{name}{suffix}" for name in params["variants"]]
 
 
 def cmd_gather(args: argparse.Namespace) -> None:
@@ -354,6 +347,22 @@ def cmd_report(args: argparse.Namespace) -> None:
     damage = [f"{args.metrics_dir}/fp32-noise{s:g}.json" for s in params["damage_check"]["sigmas"]]
     grids = _variant_files(params, args.grids_dir, ".png")
     write_report(params, preset, args.records, args.plot, damage, args.bench, grids, args.out)
+
+
+def cmd_dvc_yaml(args: argparse.Namespace) -> None:
+    """Write dvc.yaml from the stage table (modiff/pipeline.py); --check: fail if it is stale."""
+    from modiff.io import write_text
+    from modiff.pipeline import dvc_yaml
+
+    text, dest = dvc_yaml(), Path(args.out)
+    if args.check:
+        if not dest.is_file() or dest.read_text() != text:
+            raise ValueError(
+                f"{dest} is not generated from modiff/pipeline.py: run `modiff dvc-yaml`"
+            )
+        return
+    write_text(text, dest)
+    log.info("wrote %s", dest)
 
 
 # --- wiring --------------------------------------------------------------------------------------
@@ -424,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
 
     p = add("calibrate", cmd_calibrate)
-    p.add_argument("--calib", required=True, help="calibration data (modiff calib-data)")
+    p.add_argument("--calib", help="calibration data (default: data/calibration/<preset>.pt)")
     p.add_argument("--out", required=True, help="quantization parameters to write")
     p.add_argument("--checkpoint", help="default: data/checkpoints/<preset>.ckpt")
     p.add_argument("--variant", help="an entry of params.yaml's variants (else the flags below)")
@@ -471,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids-dir", default="results/grids", help="sample grid PNGs")
     p.add_argument("--bench", required=True, help="benchmark JSON")
     p.add_argument("--out", required=True)
+
+    p = add("dvc-yaml", cmd_dvc_yaml, settings=False)
+    p.add_argument("--out", default="dvc.yaml", help="file to write (default: dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="only check that it is up to date")
     return parser
 
 

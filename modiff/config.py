@@ -80,28 +80,31 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
                 f"presets.{name}.sampling.shards ({s['shards']}) must not exceed the number of "
                 f"batches ({batches}): a shard is made of whole batches"
             )
-    names = [v["name"] for v in params["variants"]]
-    for v in params["variants"]:
+    for name, v in params["variants"].items():
         expected = variant_name(v)
-        if v["name"] != expected:
-            problems.append(f"variants: '{v['name']}' must be named '{expected}' (its settings)")
-    if len(set(names)) != len(names):
-        problems.append("variants: names must be unique")
+        if name != expected:
+            problems.append(f"variants: '{name}' must be named '{expected}' (its settings)")
     return problems
 
 
 def variant_name(v: dict[str, Any]) -> str:
-    """<method>-<a_scale>-w<bits>a<bits>: a variant's name, from its settings."""
+    """fp32, or <method>-<a_scale>-w<bits>a<bits>: a variant's name, from its settings."""
+    if v["method"] == "fp32":
+        return "fp32"
     return f"{v['method']}-{v['a_scale']}-w{v['w_bits']}a{v['a_bits']}"
 
 
 def find_variant(params: dict[str, Any], name: str) -> dict[str, Any]:
     """The entry of ``variants`` called ``name``."""
-    for v in params["variants"]:
-        if v["name"] == name:
-            return v
-    known = ", ".join(v["name"] for v in params["variants"]) or "none"
-    raise ConfigError(f"unknown variant '{name}'; params.yaml's variants: {known}")
+    if name not in params["variants"]:
+        known = ", ".join(params["variants"]) or "none"
+        raise ConfigError(f"unknown variant '{name}'; params.yaml's variants: {known}")
+    return params["variants"][name]
+
+
+def quantized_variants(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The grid's quantized variants by name (all but the FP32 reference)."""
+    return {name: v for name, v in params["variants"].items() if v["method"] != "fp32"}
 
 
 def shard_range(sampling: dict[str, Any], shard: int) -> range:
@@ -132,6 +135,11 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
 def checkpoint_path(preset_name: str) -> Path:
     """Where the pipeline keeps a preset's verified checkpoint (one place, for both tools)."""
     return Path("data/checkpoints") / f"{preset_name}.ckpt"
+
+
+def calibration_path(preset_name: str) -> Path:
+    """Where the pipeline keeps a preset's calibration data (``modiff calib-data``)."""
+    return Path("data/calibration") / f"{preset_name}.pt"
 
 
 def preset_config(params: dict[str, Any], name: str | None = None) -> dict[str, Any]:

@@ -28,9 +28,13 @@ def atomic_output(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_json(data: Any, dest: str | Path) -> None:
+def write_text(text: str, dest: str | Path) -> None:
     with atomic_output(dest) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(data: Any, dest: str | Path) -> None:
+    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", dest)
 
 
 def save_images(dest: str | Path, images: np.ndarray, **meta: Any) -> None:

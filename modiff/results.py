@@ -59,6 +59,31 @@ def psnr_summary(values: np.ndarray) -> dict[str, float | None]:
             "psnr_vs_fp32_mean": round(float(np.mean(capped)), 3)}  # fmt: skip
 
 
+def fid_record(
+    scores: dict[str, Any],
+    samples: str | Path,
+    meta: dict[str, Any],
+    psnr_values: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """A variant's metrics file: FID/KID ``scores``, PSNR against FP32, and what made the samples
+    (the metadata ``modiff sample`` stored with them)."""
+    quant = meta.get("quant") or {}
+    record = {**scores, "variant": meta.get("variant", Path(samples).stem), "samples": str(samples)}
+    if psnr_values is not None:
+        record.update(psnr_summary(psnr_values))
+    record.update(
+        steps=meta.get("sampling", {}).get("steps"),
+        method=meta.get("method"),
+        backend=quant.get("backend", "fp32"),
+        device=meta.get("device"),
+        kernels=meta.get("kernels"),
+    )
+    if "noise_sigma" in meta:
+        record["noise_sigma"] = meta["noise_sigma"]
+    record.update({k: quant[k] for k in ("w_bits", "a_bits", "a_scale") if k in quant})
+    return record
+
+
 def variant_record(metrics: dict[str, Any], bench_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One record of results/metrics.json: quality from ``metrics``, speed from the benchmark."""
     name = metrics["variant"]

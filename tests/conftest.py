@@ -65,11 +65,11 @@ def tiny_config(**model_overrides) -> dict:
 
 # --- the smoke-sized pipeline: one local run shared by the pipeline and SLURM tests -----------
 
-SMOKE_VARIANTS = [
-    {"name": "qdiff-static-w8a8", "method": "qdiff", "a_scale": "static", "w_bits": 8, "a_bits": 8},
-    {"name": "modiff-dynamic-w8a4", "method": "modiff", "a_scale": "dynamic", "w_bits": 8,
-     "a_bits": 4},
-]  # fmt: skip
+SMOKE_VARIANTS = {
+    "fp32": {"method": "fp32"},
+    "qdiff-static-w8a8": {"method": "qdiff", "a_scale": "static", "w_bits": 8, "a_bits": 8},
+    "modiff-dynamic-w8a4": {"method": "modiff", "a_scale": "dynamic", "w_bits": 8, "a_bits": 4},
+}
 
 
 def smoke_params(path: Path) -> None:
@@ -82,11 +82,11 @@ def smoke_params(path: Path) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_in(project: Path, *args: str) -> subprocess.CompletedProcess:
+def run_in(project: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """A console script of this environment (``snakemake``, ``modiff``) run in ``project``."""
     # PYTHONPATH: the copy runs its own modiff, not the editable install of the working tree.
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "XDG_CACHE_HOME": str(project / ".cache"),
-           "PYTHONPATH": str(project)}  # fmt: skip
+           "PYTHONPATH": str(project), **(env or {})}  # fmt: skip
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]],
         cwd=project,
@@ -105,8 +105,11 @@ class SmokeRun:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
-    """The smoke pipeline run once, locally, for every test that needs its outputs."""
+    """The smoke pipeline run once, locally, for every test that needs its outputs. Every job's
+    log lists the modules it imported (PYTHONPROFILEIMPORTTIME), for the code-deps test."""
     project = copy_project(tmp_path_factory.mktemp("project"))
     smoke_params(project / "params.yaml")
     profile = ("--profile", "workflow/profiles/local", "--cores", "2")
-    return SmokeRun(project, run_in(project, "snakemake", *profile, "results/report.md"))
+    run = run_in(project, "snakemake", *profile, "results/report.md",
+                 env={"PYTHONPROFILEIMPORTTIME": "1"})  # fmt: skip
+    return SmokeRun(project, run)

@@ -74,8 +74,8 @@ def test_benchmark_of_the_pipeline_records_accuracy_and_skipped_peers(monkeypatc
         (ROOT / "data/pretrained/digits_ddim.pt").read_bytes()
     )
     monkeypatch.setattr(peers, "unavailable", lambda engines: {e: "not here" for e in engines})
-    grid = ('[{"name": "qdiff-dynamic-w8a8", "method": "qdiff", "a_scale": "dynamic", '
-            '"w_bits": 8, "a_bits": 8}]')  # fmt: skip
+    grid = ('{"fp32": {"method": "fp32"}, "qdiff-dynamic-w8a8": {"method": "qdiff", '
+            '"a_scale": "dynamic", "w_bits": 8, "a_bits": 8}}')  # fmt: skip
     params = load_params(ROOT / "params.yaml", [
         f"variants={grid}", "bench.batch_sizes=[2]", "bench.repetitions=1", "bench.steps=2",
         "bench.cifar10=false", "bench.variants=[w8a8-native]", "bench.peers=[openvino]",

@@ -45,15 +45,20 @@ def test_default_params_are_valid():
         ("presets.digits.sampling.shards=9", r"shards \(9\) must not exceed the number of batches"),
         ("quant.backend=gpu", "quant.backend: 'gpu' is not one of"),
         (
-            'variants=[{"name": "x", "method": "qdiff", "a_scale": "static", "w_bits": 8, '
-            '"a_bits": 8}]',
-            "variants.0.name: 'x' does not match",
+            'variants.x={"method": "qdiff", "a_scale": "static", "w_bits": 8, "a_bits": 8}',
+            "variants: 'x' does not match",
         ),
         (
-            'variants=[{"name": "qdiff-static-w8a4", "method": "qdiff", "a_scale": "static", '
-            '"w_bits": 8, "a_bits": 8}]',
+            'variants.qdiff-static-w8a4={"method": "qdiff", "a_scale": "static", "w_bits": 8, '
+            '"a_bits": 8}',
             "must be named 'qdiff-static-w8a8'",
         ),
+        (
+            'variants={"qdiff-static-w8a8": {"method": "qdiff", "a_scale": "static", "w_bits": 8, '
+            '"a_bits": 8}}',
+            "variants: 'fp32' is a required property",
+        ),
+        ('variants.fp32={"method": "fp32", "w_bits": 8}', "variants.fp32: .* is not valid"),
     ],
 )
 def test_bad_settings_name_the_key(params_file, override, message):
@@ -197,13 +202,17 @@ def test_a_checkpoint_changed_after_fetching_is_refused_at_load(params_file, tmp
         bench.run(load_params(params_file))
 
 
-@pytest.mark.parametrize(
-    ("variant", "qparams"), [("qdiff-static-w8a8", None), ("fp32", "data/quant/x.pt")]
-)
-def test_variant_and_qparams_must_agree(params_file, capsys, variant, qparams):
-    args = ["sample", "--params", str(params_file), "--variant", variant, "--out", "s.npz"]
-    assert main(args + (["--qparams", qparams] if qparams else [])) == 2
+def test_variant_and_qparams_must_agree(params_file, tmp_path, capsys):
+    sample = ["sample", "--params", str(params_file), "--out", str(tmp_path / "s.npz")]
+    assert main([*sample, "--variant", "qdiff-static-w8a8"]) == 2
     assert "a quantized --variant needs --qparams" in capsys.readouterr().err
+    # FP32's parameters file: written without calibration data or a model.
+    fp32 = tmp_path / "fp32.pt"
+    calibrate = ["calibrate", "--params", str(params_file), "--variant", "fp32"]
+    assert main([*calibrate, "--calib", "unused.pt", "--out", str(fp32)]) == 0
+    assert main([*sample, "--variant", "qdiff-static-w8a8", "--qparams", str(fp32)]) == 2
+    err = capsys.readouterr().err
+    assert "holds variant fp32, not --variant qdiff-static-w8a8" in err, err
 
 
 def test_psnr_against_other_images_is_refused_before_any_features(params_file, tmp_path, capsys,

@@ -10,26 +10,11 @@ import pytest
 import yaml
 from conftest import copy_project, smoke_params
 
+from modiff.cli import main
+from modiff.pipeline import dvc_yaml
+
 BIN = Path(sys.executable).parent
-# DVC stage (before '@') -> the Snakemake rule producing its outputs.
-RULE_OF_STAGE = {
-    "fetch_checkpoint": "fetch_checkpoint",
-    "calib_data": "calib_data",
-    "calibrate": "calibrate",
-    "sample_fp32": "merge_samples",
-    "sample": "merge_samples",
-    "damage": "damage",
-    "fid_fp32": "fid",
-    "fid": "fid",
-    "fid_damage": "fid",
-    "grid_fp32": "grid",
-    "grid": "grid",
-    "bench": "bench",
-    "gather": "gather",
-    "report": "report",
-}
-# DVC's foreach cannot name one list item as a param: such stages list the whole list.
-FOREACH_LISTS = {"calibrate": "variants", "damage": "damage_check"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tool(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,39 +27,27 @@ def tool(project: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return result
 
 
-def dvc_stages(project: Path) -> list[dict]:
-    """Every resolved DVC stage: name, outputs, params keys and file deps (default params)."""
+def test_dvc_yaml_is_generated_from_the_stage_table(tmp_path):
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: run `modiff dvc-yaml`"
+    # The check the CLI offers fails on a hand edit.
+    edited = tmp_path / "dvc.yaml"
+    edited.write_text(dvc_yaml().replace("modiff/fetch.py", "modiff/fetch.py\n    - extra", 1))
+    assert main(["dvc-yaml", "--check", "--out", str(edited)]) == 2
+
+
+def test_every_variant_stage_sees_only_its_own_grid_entry(project):
+    """DVC resolves per variant: params name the variant's entry, not the whole grid."""
     code = (
         "import json\nfrom dvc.repo import Repo\n"
         "from dvc.dependency.param import ParamsDependency\n"
-        "print(json.dumps([{'name': s.addressing, 'outs': [str(o.def_path) for o in s.outs],"
-        " 'params': sorted(p for d in s.deps if isinstance(d, ParamsDependency) for p in d.params),"
-        " 'deps': [str(d.def_path) for d in s.deps if not isinstance(d, ParamsDependency)]}"
-        " for s in Repo('.').index.stages]))"
+        "print(json.dumps({s.addressing: sorted(p for d in s.deps if isinstance(d, "
+        "ParamsDependency) for p in d.params) for s in Repo('.').index.stages}))"
     )
-    return yaml.safe_load(tool(project, sys.executable, "-c", code).stdout)
-
-
-def snakemake_jobs(project: Path) -> dict[str, dict]:
-    """Output path -> (rule, settings keys, input files) of every job of a full dry-run."""
-    out = tool(project, "snakemake", "-n", "-p", "--forceall", "--cores", "2",
-               "results/report.md").stdout  # fmt: skip
-    jobs = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
-        rule = re.match(r"(?:local)?rule (\w+):", block)
-        outputs = re.search(r"^\s+output: (.+)$", block, re.M)
-        inputs = re.search(r"^\s+input: (.+)$", block, re.M)
-        if rule and outputs:
-            keys = sorted(set(re.findall(r"-S '?([\w.]+)=", block)))
-            files = inputs.group(1).split(", ") if inputs else []
-            for path in outputs.group(1).split(", "):
-                jobs[path] = {"rule": rule.group(1), "params": keys, "inputs": files}
-    return jobs
-
-
-def _covers(dep: str, path: str) -> bool:
-    """Whether DVC dep ``dep`` (a file or a folder) covers file ``path``."""
-    return path == dep or path.startswith(dep.rstrip("/") + "/")
+    params = yaml.safe_load(tool(project, sys.executable, "-c", code).stdout)
+    for name in ("fp32", "qdiff-static-w8a8", "modiff-dynamic-w8a4"):
+        assert f"variants.{name}" in params[f"calibrate@{name}"]
+        assert "variants" not in params[f"calibrate@{name}"] + params[f"sample@{name}"]
+    assert "sample_fp32" not in params and "fid@fp32" in params  # FP32: an ordinary variant
 
 
 @pytest.fixture(scope="module")
@@ -85,29 +58,6 @@ def project(tmp_path_factory) -> Path:
     tool(dest, "git", "add", "-A")
     tool(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke")
     return dest
-
-
-def test_every_dvc_stage_matches_its_snakemake_rule(project):
-    stages = dvc_stages(project)
-    jobs = snakemake_jobs(project)
-    assert {s["name"].split("@")[0] for s in stages} == set(RULE_OF_STAGE)
-    for stage in stages:
-        base = stage["name"].split("@")[0]
-        for out in stage["outs"]:
-            assert out in jobs, f"no Snakemake job makes {out} (DVC stage {stage['name']})"
-            job = jobs[out]
-            assert job["rule"] == RULE_OF_STAGE[base], (stage["name"], out, job["rule"])
-            keys, inputs = job["params"], job["inputs"]
-            if job["rule"] == "merge_samples":  # settings and inputs are those of its shards
-                shard = jobs[out.removesuffix(".npz") + "/shard-0.npz"]
-                keys = shard["params"]
-                inputs = [f for f in inputs if "/shard-" not in f] + shard["inputs"]
-            expected = set(keys) | ({FOREACH_LISTS[base]} if base in FOREACH_LISTS else set())
-            assert set(stage["params"]) == expected, (stage["name"], stage["params"], keys)
-            # DVC must see every file Snakemake does (a dep folder covers its files): only
-            # then does a clean `dvc status` vouch for outputs that Snakemake adopts.
-            unseen = [f for f in inputs if not any(_covers(d, f) for d in stage["deps"])]
-            assert not unseen, f"DVC stage {stage['name']} lacks deps {unseen}"
 
 
 @pytest.mark.slow
@@ -123,6 +73,14 @@ def test_dvc_repro_then_snakemake_adopts_and_survives_push_pull(project, tmp_pat
     assert (tmp_path / "plots" / "index.html").is_file()
     tool(project, "git", "add", "-A")
     tool(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock")
+
+    # A changed package module makes stale exactly the stages whose subcommand imports it.
+    data_py = project / "modiff/data.py"
+    data_py.write_text(data_py.read_text() + "# changed\n")
+    stale = set(re.findall(r"^(\w+)@?[\w.-]*:", tool(project, "dvc", "status").stdout, re.M))
+    tool(project, "git", "checkout", "--", "modiff/data.py")
+    assert stale == {"fid", "fid_damage"}, stale  # the stages reading reference images
+    assert "up to date" in tool(project, "dvc", "status").stdout
 
     # An experiment with one setting changed reruns only what depends on it.
     exp = tool(project, "dvc", "exp", "run", "-S", "bench.repetitions=1").stdout

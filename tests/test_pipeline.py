@@ -1,6 +1,7 @@
 """End-to-end: the Snakemake pipeline on a smoke-sized config, in a copy of the project."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -9,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_in
+from conftest import ROOT, run_in
 
 from modiff.io import load_images
+from modiff.pipeline import STAGES, code_deps
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,59 @@ def test_pipeline_runs_end_to_end_and_reruns_nothing(smoke_run):
     again = snakemake(project, "results/report.md")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def dry_run_jobs(project: Path, *args: str) -> list[dict]:
+    """Every job of a dry-run: its rule, log and input files."""
+    out = snakemake(project, "-n", *args, "results/report.md").stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        log = re.search(r"^\s+log: (.+)$", block, re.M)
+        inputs = re.search(r"^\s+input: (.+)$", block, re.M)
+        if rule and log:
+            files = inputs.group(1).split(", ") if inputs else []
+            jobs.append({"rule": rule.group(1), "log": log.group(1), "inputs": set(files)})
+    return jobs
+
+
+def imported_package_files(log: str) -> set[str]:
+    """The modiff files a job imported, from its log's PYTHONPROFILEIMPORTTIME lines."""
+    modules = re.findall(r"^import time:.*\|\s+(modiff(?:\.\w+)*)\s*$", log, re.M)
+    files = set()
+    for module in modules:
+        path = Path(*module.split("."))
+        files.add(f"{path}.py" if Path(ROOT, f"{path}.py").is_file() else f"{path}/__init__.py")
+    return files
+
+
+def test_every_job_imports_only_its_code_deps(project):
+    """A job's inputs in Snakemake, and its stage's deps in dvc.yaml (both are code_deps of its
+    subcommand), hold every package module it imported while it ran."""
+    jobs = dry_run_jobs(project, "--forceall", "-p")
+    assert len(jobs) >= 20
+    for job in jobs:
+        imported = imported_package_files((project / job["log"]).read_text())
+        assert {"modiff/cli.py", "modiff/config.py"} <= imported or job["rule"] in {
+            "grid", "merge_samples"}, (job, sorted(imported))  # fmt: skip
+        command = {"sample_shard": "sample", "merge_samples": "merge"}.get(job["rule"])
+        command = command or STAGES[job["rule"]].command
+        assert imported <= job["inputs"], (job["rule"], sorted(imported - job["inputs"]))
+        unlisted = imported - set(code_deps(command))
+        assert not unlisted, (job["rule"], unlisted)
+
+
+def test_a_changed_module_reruns_the_stages_that_import_it(project):
+    data_py = project / "modiff/data.py"
+    text, stat = data_py.read_text(), data_py.stat()
+    data_py.write_text(text + "# changed\n")
+    try:
+        rules = {job["rule"] for job in dry_run_jobs(project)}
+    finally:
+        data_py.write_text(text)
+        os.utime(data_py, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert {"fid", "fid_damage", "gather", "report"} <= rules, rules  # fid reads data.py
+    assert not rules & {"calibrate", "sample_shard", "bench", "grid"}, rules
 
 
 def test_merged_shards_equal_one_unsharded_run(project):

@@ -293,22 +293,25 @@ def weights_fingerprint(model: nn.Module, names: list[str]) -> str:
 
 
 def save_quant_params(
-    model: nn.Module,
-    config: QuantConfig,
+    model: nn.Module | None,
+    config: QuantConfig | None,
     fingerprint: str,
     dest: str | Path,
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Save a quantized model's parameters (config, layers, scales, zero points) as one file."""
+    """Save a quantized model's parameters (config, layers, scales, zero points) as one file.
+
+    ``model=None, config=None`` saves the FP32 reference's file: the model runs as it is.
+    """
     layers: dict[str, dict[str, Any]] = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if model is not None else ():
         if isinstance(m, SplitInputLayer):
             layers[name] = {"split": m.split, "parts": [_layer_state(p) for p in m.parts]}
         elif isinstance(m, QuantLayer) and ".parts." not in f".{name}.":  # halves saved above
             layers[name] = {"split": None, "parts": [_layer_state(m)]}
     blob = {
         "format": PARAMS_FORMAT,
-        "config": config.to_dict(),
+        "config": None if config is None else config.to_dict(),
         "fingerprint": fingerprint,
         "meta": meta or {},
         "layers": layers,
@@ -331,12 +334,15 @@ def read_quant_params(path: str | Path) -> dict[str, Any]:
 
 def load_quantized(
     model: nn.Module, path: str | Path, **config_overrides: Any
-) -> tuple[nn.Module, QuantConfig]:
+) -> tuple[nn.Module, QuantConfig | None]:
     """Rebuild the quantized model saved by :func:`save_quant_params` from float ``model``.
 
-    ``config_overrides`` may change how the same parameters run (e.g. ``backend``).
+    ``config_overrides`` may change how the same parameters run (e.g. ``backend``). The FP32
+    reference's file returns ``model`` unchanged and no config.
     """
     blob = read_quant_params(path)
+    if blob["config"] is None:
+        return model, None
     config = QuantConfig.from_dict({**blob["config"], **config_overrides})
     layers = blob["layers"]
     missing = [n for n in layers if not _has_layer(model, n)]

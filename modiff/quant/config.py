@@ -77,6 +77,16 @@ class QuantConfig:
         inc = any(fnmatch.fnmatchcase(name, p) for p in self.include)
         return inc and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
+    @property
+    def method(self) -> str:
+        """The variant grid's method: qdiff (Q-Diffusion) or modiff (with MoDiff's modulation)."""
+        return "qdiff" if self.modulation == "none" else "modiff"
+
+    @property
+    def recipe(self) -> str:
+        """How the quantization parameters are found, in words (recorded with them)."""
+        return "MSE scale search, nearest rounding"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1,16 +1,11 @@
 rule calib_data:
     """Time-step-aware calibration inputs (x_t and x_prev) from FP32 trajectories."""
     input:
-        ckpt=rules.fetch_checkpoint.output[0],
-        code=code("cli", "diffusion", "models", "checkpoint", "fetch", "runtime", "quant",
-                  "calibration"),
+        unpack(inputs("calib_data")),
     output:
-        f"data/calibration/{PRESET}.pt",
+        **outputs("calib_data"),
     params:
-        settings=settings(
-            "preset", "seed", "threads", "device",
-            *preset_keys("model", "data", "diffusion", "checkpoint", "calibration", *CALIB_SAMPLING),
-        ),
+        settings=settings("calib_data"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -19,23 +14,18 @@ rule calib_data:
     benchmark:
         "results/benchmarks/calib_data.tsv"
     shell:
-        "modiff calib-data {params.settings} --out {output} > {log} 2>&1"
+        command("calib_data")
 
 
 rule calibrate:
-    """Quantize one variant: weight and activation scale search; saves its parameters."""
+    """One variant's quantization parameters (scale search on the calibration data); for fp32 a
+    file saying "no quantization", so that every variant samples alike."""
     input:
-        calib=rules.calib_data.output[0],
-        ckpt=rules.fetch_checkpoint.output[0],
-        code=code("cli", "models", "checkpoint", "fetch", "quant", "calibration"),
+        unpack(inputs("calibrate")),
     output:
-        "data/quant/{variant}.pt",
+        **outputs("calibrate"),
     params:
-        settings=settings(
-            "preset", "seed", "threads", "quant",
-            *preset_keys("model", "data", "diffusion", "checkpoint", "calibration", *CALIB_SAMPLING),
-        ),
-        variant=variant_settings,
+        settings=settings("calibrate"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -44,5 +34,4 @@ rule calibrate:
     benchmark:
         "results/benchmarks/calibrate_{variant}.tsv"
     shell:
-        "modiff calibrate {params.settings} {params.variant} --variant {wildcards.variant}"
-        " --calib {input.calib} --out {output} > {log} 2>&1"
+        command("calibrate")

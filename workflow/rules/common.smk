@@ -1,24 +1,22 @@
-# Shared helpers: how settings from `config` (params.yaml plus --config overrides) reach the CLI.
+# How the stage table (modiff/pipeline.py, which dvc.yaml is generated from too) and the settings
+# (`config`: params.yaml plus --config/--configfile) become Snakemake jobs.
 import json
 import shlex
 
-PRESET = config["preset"]
-PRESET_CFG = config["presets"][PRESET]
-SAMPLING = PRESET_CFG["sampling"]
-VARIANTS = [v["name"] for v in config["variants"]]  # quantized; "fp32" is the reference
-ALL_VARIANTS = ["fp32", *VARIANTS]
-SHARDS = range(SAMPLING["shards"])
-DAMAGED = [f"fp32-noise{sigma:g}" for sigma in config["damage_check"]["sigmas"]]
+from modiff.pipeline import MERGE, STAGES, Each, code_deps
 
-# Package files run by a job are its inputs, so code changes rerun exactly the affected stages.
-PKG = {
-    name: f"modiff/{name}.py"
-    for name in ("cli", "config", "fetch", "checkpoint", "diffusion", "io", "metrics", "classifier",
-                 "plots", "runtime", "bench", "peers", "results", "report", "calibration", "data")
+PRESET = config["preset"]
+SAMPLING = config["presets"][PRESET]["sampling"]
+SHARDS = range(SAMPLING["shards"])
+# What a stage with `foreach` runs once per, and the wildcard naming it in paths.
+OVER = {
+    "variants": ("variant", list(config["variants"])),
+    "sigmas": ("sigma", [f"{s:g}" for s in config["damage_check"]["sigmas"]]),
 }
-PKG["models"] = "modiff/models/unet.py"
-PKG["schema"] = "modiff/params.schema.yaml"
-PKG["quant"] = [f"modiff/quant/{m}.py" for m in ("api", "config", "fused", "kernels", "layers", "quantizer")]
+
+
+def stage_of(name):
+    return MERGE if name == "merge" else STAGES[name]
 
 
 def lookup(key):
@@ -28,41 +26,53 @@ def lookup(key):
     return node
 
 
-def settings(*keys):
-    """`-S key=<json>` for each dotted key: the rule's settings, passed explicitly to `modiff`.
+def _fill(text, wildcards):
+    """A table path or settings key for one job (its preset and wildcards)."""
+    if text.startswith("@"):
+        text = "presets.{preset}." + text[1:]
+    return text.format(preset=PRESET, **dict(wildcards.items()))
 
-    The same string is the params entry of the job, so changing any of these values reruns it.
+
+def settings(stage):
+    """params: `-S key=<json>` for every setting the job reads, passed to `modiff` explicitly.
+
+    The same string is the job's params entry, so changing any of these values reruns it.
     """
-    return " ".join(f"-S {shlex.quote(k + '=' + json.dumps(lookup(k)))}" for k in keys)
+
+    def job(wildcards):
+        keys = stage_of(stage).settings_for(wildcards.get("variant"))
+        values = ((k, lookup(k)) for k in (_fill(k, wildcards) for k in keys))
+        return " ".join(f"-S {shlex.quote(k + '=' + json.dumps(v))}" for k, v in values)
+
+    return job
 
 
-# The sampler settings calibration depends on (the trajectories it records), not n_samples etc.:
-# changing how many images are sampled must not redo the calibration.
-CALIB_SAMPLING = ("sampling.steps", "sampling.skip_type", "sampling.eta")
+def inputs(stage):
+    """input (to unpack): the job's data files and its code, the package files its subcommand
+    can import (so a code change reruns exactly the affected stages)."""
+
+    def job(wildcards):
+        files = {}
+        for name, path in stage_of(stage).inputs_for(wildcards.get("variant")).items():
+            if isinstance(path, Each):
+                wildcard, values = OVER[path.over]
+                files[name] = expand(path.pattern, preset=PRESET, **{wildcard: values})
+            else:
+                files[name] = _fill(path, wildcards)
+        files["code"] = list(code_deps(stage_of(stage).command))
+        return files
+
+    return job
 
 
-def preset_keys(*sections):
-    return [f"presets.{PRESET}.{s}" for s in sections]
+def outputs(stage, **reported):
+    """output: the stage's files, with its wildcards; ``reported`` wraps some in report()."""
+    files = {k: v.replace("{preset}", PRESET) for k, v in stage_of(stage).outputs.items()}
+    return {k: report(v, **reported[k]) if k in reported else v for k, v in files.items()}
 
 
-def variant_settings(wildcards):
-    """The variant's own grid entry, as `-S variants=[entry]` (other variants do not rerun it)."""
-    entry = [v for v in config["variants"] if v["name"] == wildcards.variant]
-    return f"-S {shlex.quote('variants=' + json.dumps(entry))}"
-
-
-def code(*names):
-    files = []
-    for name in names:
-        files += PKG[name] if isinstance(PKG[name], list) else [PKG[name]]
-    return files
-
-
-def qparams(wildcards):
-    """A quantized variant's parameters file (none for FP32)."""
-    return [] if wildcards.variant == "fp32" else [f"data/quant/{wildcards.variant}.pt"]
-
-
-def reference_samples(wildcards):
-    """FP32 samples from the same x_T, for PSNR (not for FP32 itself)."""
-    return [] if wildcards.name == "fp32" else ["results/samples/fp32.npz"]
+def command(stage, extra=""):
+    """shell: `modiff <command> <settings> <args>`, its output to the job's log."""
+    s = stage_of(stage)
+    args = s.args.replace("{variant}", "{wildcards.variant}").replace("{sigma}", "{wildcards.sigma}")
+    return f"modiff {s.command} {{params.settings}} {args} {extra} > {{log}} 2>&1"

@@ -1,62 +1,69 @@
 rule fid:
     """FID/KID against the preset's reference set, and PSNR against FP32 from the same x_T."""
     input:
-        samples="results/samples/{name}.npz",
-        reference=reference_samples,
-        code=code("cli", "metrics", "classifier", "data", "fetch", "io", "results"),
+        unpack(inputs("fid")),
     output:
-        "results/metrics/{name}.json",
+        **outputs("fid"),
     params:
-        settings=settings("preset", "device", *preset_keys("fid")),
-        reference=lambda wildcards, input: (
-            f"--reference-samples {input.reference[0]}" if input.reference else ""
-        ),
+        settings=settings("fid"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
     log:
-        "results/logs/fid_{name}.log",
+        "results/logs/fid_{variant}.log",
     benchmark:
-        "results/benchmarks/fid_{name}.tsv"
+        "results/benchmarks/fid_{variant}.tsv"
     shell:
-        "modiff fid {params.settings} --samples {input.samples} {params.reference} --out {output}"
-        " --cache-dir data/fid_cache > {log} 2>&1"
+        command("fid")
+
+
+rule fid_damage:
+    """The same scores for FP32's samples with noise added (the metrics must see the damage)."""
+    input:
+        unpack(inputs("fid_damage")),
+    output:
+        **outputs("fid_damage"),
+    params:
+        settings=settings("fid_damage"),
+    threads: config["threads"]
+    conda:
+        "../envs/modiff.yaml"
+    log:
+        "results/logs/fid_damage_{sigma}.log",
+    benchmark:
+        "results/benchmarks/fid_damage_{sigma}.tsv"
+    shell:
+        command("fid_damage")
 
 
 rule grid:
     """A picture of the first 100 samples (the same x_T in every variant)."""
     input:
-        samples="results/samples/{name}.npz",
-        code=code("cli", "plots", "io"),
+        unpack(inputs("grid")),
     output:
-        report("results/grids/{name}.png", category="Sample grids", caption="../report/grid.rst",
-               labels={"variant": "{name}"}),
+        **outputs("grid", grid=dict(category="Sample grids", caption="../report/grid.rst",
+                                    labels={"variant": "{variant}"})),
+    params:
+        settings=settings("grid"),
     conda:
         "../envs/modiff.yaml"
     log:
-        "results/logs/grid_{name}.log",
+        "results/logs/grid_{variant}.log",
     benchmark:
-        "results/benchmarks/grid_{name}.tsv"
+        "results/benchmarks/grid_{variant}.tsv"
     shell:
-        "modiff grid --samples {input.samples} --out {output} > {log} 2>&1"
+        command("grid")
 
 
 rule bench:
     """Per-step latency and memory: the grid on the preset model, FP32/INT8/MoDiff and the peer
     engines on CIFAR-10's UNet; INT8 accuracy against FP32 on the preset model."""
     input:
-        code=code("cli", "config", "checkpoint", "fetch", "models", "diffusion", "runtime", "bench",
-                  "peers", "quant", "calibration"),
-        ckpt=rules.fetch_checkpoint.output[0],
-        calib=rules.calib_data.output[0],
+        unpack(inputs("bench")),
     output:
-        "results/bench.json",
+        **outputs("bench"),
     params:
-        settings=settings(
-            "preset", "seed", "threads", "bench", "variants", "quant",
-            *preset_keys("model", "data", "diffusion", "checkpoint", "sampling", "calibration"),
-            "presets.cifar10.model", "presets.cifar10.data", "presets.cifar10.diffusion",
-        ),
+        settings=settings("bench"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -65,4 +72,4 @@ rule bench:
     benchmark:
         "results/benchmarks/bench.tsv"
     shell:
-        "modiff bench {params.settings} --calib {input.calib} --out {output} > {log} 2>&1"
+        command("bench")

@@ -1,12 +1,11 @@
 rule fetch_checkpoint:
     """Download (or copy) the preset's checkpoint and verify its digest."""
     input:
-        PKG["cli"],
-        PKG["fetch"],
+        unpack(inputs("fetch_checkpoint")),
     output:
-        f"data/checkpoints/{PRESET}.ckpt",
+        **outputs("fetch_checkpoint"),
     params:
-        settings=settings("preset", *preset_keys("checkpoint")),
+        settings=settings("fetch_checkpoint"),
     conda:
         "../envs/modiff.yaml"
     log:
@@ -14,4 +13,4 @@ rule fetch_checkpoint:
     benchmark:
         "results/benchmarks/fetch_checkpoint.tsv"
     shell:
-        "modiff fetch {params.settings} > {log} 2>&1"
+        command("fetch_checkpoint")

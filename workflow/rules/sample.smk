@@ -5,17 +5,11 @@ rule sample_shard:
     not remade while the merged file is up to date (DVC, which samples unsharded, has none).
     """
     input:
-        ckpt=rules.fetch_checkpoint.output[0],
-        qparams=qparams,
-        code=code("cli", "config", "diffusion", "models", "checkpoint", "fetch", "io", "runtime",
-                  "quant"),
+        unpack(inputs("sample")),
     output:
-        temp("results/samples/{variant}/shard-{shard}.npz"),
+        samples=temp("results/samples/{variant}/shard-{shard}.npz"),
     params:
-        settings=settings(
-            "preset", "seed", "threads", "device", *preset_keys("model", "data", "diffusion", "sampling")
-        ),
-        qparams=lambda wildcards, input: f"--qparams {input.qparams[0]}" if input.qparams else "",
+        settings=settings("sample"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -24,17 +18,18 @@ rule sample_shard:
     benchmark:
         "results/benchmarks/sample_{variant}_shard-{shard}.tsv"
     shell:
-        "modiff sample {params.settings} --variant {wildcards.variant} {params.qparams}"
-        " --shard {wildcards.shard} --out {output} > {log} 2>&1"
+        command("sample", extra="--shard {wildcards.shard}")
 
 
 rule merge_samples:
     """All shards of a variant in one .npz (bit-identical to one unsharded run)."""
     input:
+        unpack(inputs("merge")),
         shards=expand("results/samples/{{variant}}/shard-{shard}.npz", shard=SHARDS),
-        code=code("cli", "results", "io"),
     output:
-        "results/samples/{variant}.npz",
+        **outputs("sample"),
+    params:
+        settings=settings("merge"),
     conda:
         "../envs/modiff.yaml"
     log:
@@ -42,18 +37,17 @@ rule merge_samples:
     benchmark:
         "results/benchmarks/merge_{variant}.tsv"
     shell:
-        "modiff merge --shards {input.shards} --out {output} > {log} 2>&1"
+        command("merge")
 
 
 rule damage:
     """FP32 samples plus Gaussian noise: the metrics must score them clearly worse."""
     input:
-        samples="results/samples/fp32.npz",
-        code=code("cli", "results", "io"),
+        unpack(inputs("damage")),
     output:
-        "results/samples/fp32-noise{sigma}.npz",
+        **outputs("damage"),
     params:
-        settings=settings("seed"),
+        settings=settings("damage"),
     conda:
         "../envs/modiff.yaml"
     log:
@@ -61,5 +55,4 @@ rule damage:
     benchmark:
         "results/benchmarks/damage_{sigma}.tsv"
     shell:
-        "modiff damage {params.settings} --samples {input.samples} --sigma {wildcards.sigma}"
-        " --out {output} > {log} 2>&1"
+        command("damage")

@@ -8,8 +8,8 @@
 # input's checksum when it last ran the job (.snakemake/metadata). Jobs it ran itself have that
 # record, and `dvc pull`/`dvc checkout` then need nothing. Files that only DVC wrote have none,
 # and DVC restores files in no particular order. So: first DVC must confirm, by content, that
-# every output matches its deps, code and params (dvc.yaml lists every file and setting the
-# Snakemake rules use; tests/test_dvc.py keeps it so); only then Snakemake touches every output
+# every output matches its deps, code and params (dvc.yaml and the Snakemake rules both come
+# from modiff/pipeline.py's stage table); only then Snakemake touches every output
 # in DAG order and records the jobs as done.
 set -euo pipefail
 [ $# -gt 0 ] || set -- results/report.md
