@@ -326,15 +326,13 @@ def _variant_files(params: dict[str, Any], folder: str, suffix: str) -> list[str
 def cmd_gather(args: argparse.Namespace) -> None:
     """results/metrics.json (one record per variant), its summary and the FID-against-bits plot."""
     from modiff.io import write_json
-    from modiff.results import gather, plot_fid_vs_bits
+    from modiff.results import gather, plot_fid_vs_bits, plot_points, summary
 
     params, _ = _settings(args)
     records = gather(_variant_files(params, args.metrics_dir, ".json"), args.bench)
     write_json(records, args.out)
-    keys = ("fid", "kid", "psnr_vs_fp32", "step_ms", "speedup_vs_fp32")
-    write_json({r["variant"]: {k: r[k] for k in keys} for r in records}, args.summary)
-    keys = ("variant", "method", "a_scale", "w_bits", "a_bits", "fid")
-    write_json([{k: r[k] for k in keys} for r in records], args.plot_data)
+    write_json(summary(records), args.summary)
+    write_json(plot_points(records), args.plot_data)
     plot_fid_vs_bits(records, args.plot)
     log.info("gathered %d variants into %s", len(records), args.out)
 

@@ -118,6 +118,18 @@ def gather(metric_files: list[str | Path], bench_file: str | Path) -> list[dict[
     return sorted(records, key=lambda r: r["variant"] != "fp32")
 
 
+def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The headline numbers by variant (results/summary.json, for ``dvc metrics``)."""
+    keys = ("fid", "kid", "psnr_vs_fp32", "step_ms", "speedup_vs_fp32")
+    return {r["variant"]: {k: r[k] for k in keys} for r in records}
+
+
+def plot_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The FID-against-bits plot's data (for ``dvc plots``)."""
+    keys = ("variant", "method", "a_scale", "w_bits", "a_bits", "fid")
+    return [{k: r[k] for k in keys} for r in records]
+
+
 def plot_fid_vs_bits(records: list[dict[str, Any]], dest: str | Path) -> None:
     """FID against activation bits, one line per method and scale type (8-bit weights)."""
     import matplotlib

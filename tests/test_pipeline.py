@@ -59,7 +59,7 @@ def test_pipeline_runs_end_to_end_and_reruns_nothing(smoke_run):
 
 def dry_run_jobs(project: Path, *args: str) -> list[dict]:
     """Every job of a dry-run: its rule, log and input files."""
-    out = snakemake(project, "-n", *args, "results/report.md").stdout
+    out = snakemake(project, "-n", "results/report.md", *args).stdout  # --configfile takes a list
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         rule = re.match(r"(?:local)?rule (\w+):", block)
@@ -160,3 +160,16 @@ def test_sampling_more_images_does_not_recalibrate(project, tmp_path):
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = set(re.findall(r"^(?:local)?rule (\w+):", plan.stdout, re.M))
     assert "sample_shard" in jobs and not jobs & {"calib_data", "calibrate"}, jobs
+
+
+def test_fp32_is_not_redone_by_quantization_settings(project, tmp_path):
+    """fp32 is an ordinary variant, but its jobs do not read quant or the calibration data."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["quant"]["warmup"] = "quantized"
+    params["presets"]["digits"]["calibration"]["cali_n"] = 8
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(params, sort_keys=False))
+    jobs = dry_run_jobs(project, "--configfile", str(changed))
+    logs = {job["log"] for job in jobs}
+    assert "results/logs/calibrate_qdiff-static-w8a8.log" in logs, logs
+    assert not {log for log in logs if "fp32" in log}, logs

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from modiff.cli import main
 from modiff.io import load_images, save_images
-from modiff.results import add_noise, gather, merge_shards
+from modiff.results import add_noise, fid_record, gather, merge_shards, plot_points, summary
 
 SETTINGS = {"variant": "fp32", "sampling": {"steps": 10}, "seed": 0}
 AVX2 = {"cpu_isa": "avx2"}
@@ -114,3 +114,22 @@ def test_gather_puts_fp32_first_and_takes_speed_from_the_preset_model(tmp_path):
     assert fp32["a_scale"] is None and fp32["w_bits"] == 32 and fp32["step_ms"] is None
     assert int8["bench_batch"] == 16 and int8["speedup_vs_fp32"] == 17.0  # largest batch, digits
     assert int8["psnr_vs_fp32"] == 40.0 and int8["a_bits"] == 8
+    assert summary(records)["qdiff-static-w8a8"] == {
+        "fid": 1.5, "kid": 0.01, "psnr_vs_fp32": 40.0, "step_ms": 10.0 / 16,
+        "speedup_vs_fp32": 17.0,
+    }  # fmt: skip
+    assert [p["variant"] for p in plot_points(records)] == ["fp32", "qdiff-static-w8a8"]
+
+
+def test_fid_record_says_what_made_the_samples():
+    scores = {"fid": 2.0, "kid": 0.02, "n_samples": 4}
+    quant = {"backend": "native", "w_bits": 8, "a_bits": 4, "a_scale": "dynamic", "warmup": "fp"}
+    meta = {"variant": "modiff-dynamic-w8a4", "method": "modiff", "quant": quant,
+            "sampling": {"steps": 10}, "device": "cpu", "kernels": AVX2}  # fmt: skip
+    record = fid_record(scores, "s.npz", meta, psnr_values=np.array([30.0, 40.0, np.inf, 20.0]))
+    assert record["variant"] == "modiff-dynamic-w8a4" and record["backend"] == "native"
+    assert (record["w_bits"], record["a_bits"], record["a_scale"]) == (8, 4, "dynamic")
+    assert record["psnr_vs_fp32"] == 35.0 and record["psnr_vs_fp32_mean"] == 47.5  # inf: 100 dB
+    assert record["kernels"] == AVX2 and record["steps"] == 10 and "warmup" not in record
+    fp32 = fid_record(scores, "results/samples/fp32.npz", {"sampling": {"steps": 10}}, None)
+    assert fp32["variant"] == "fp32" and fp32["backend"] == "fp32" and "psnr_vs_fp32" not in fp32
