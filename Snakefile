@@ -20,6 +20,18 @@ wildcard_constraints:
     sigma=r"[0-9.e-]+",
 
 
+# Seconds of light work each, run by Snakemake itself rather than submitted (a cluster job costs
+# a queue wait and status polls); fetch_checkpoint also needs the network, which compute nodes
+# often lack.
+localrules:
+    fetch_checkpoint,
+    merge_samples,
+    damage,
+    grid,
+    gather,
+    report,
+
+
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/sample.smk"
