@@ -25,8 +25,8 @@ PROFILES = ROOT / "workflow" / "profiles"
 TIMEOUT_S = 900
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 RULE = re.compile(r"^(?:local)?rule (\w+):", re.MULTILINE)
-# Outputs (and their logs) that the fid failure and its fix may touch; all others must not change.
-FID_AND_DOWNSTREAM = ("results/metrics", "fid_", "summary.json", "plots/", "gather", "report")
+# Outputs (and their logs) that the failed job and its fix may touch; all others must not change.
+REMADE = ("fp32-noise", "damage", "report")
 
 
 def unavailable(reason: str) -> None:
@@ -190,32 +190,30 @@ def test_slurm_jobs_give_the_local_results(runs: Runs):
 def test_failed_slurm_job_fails_the_run_and_only_it_reruns(runs: Runs):
     assert runs.run.returncode == 0, "the SLURM run failed (see the test above)"
     project = runs.slurm
-    metrics = (project / "results/metrics/fp32.json").read_text()
+    damaged = next((project / "results/samples").glob("fp32-noise*.npz"))
+    metrics = project / "results/metrics" / f"{damaged.stem}.json"
+    good, scores = damaged.read_bytes(), metrics.read_text()
     kept = {
         p: p.stat().st_mtime_ns
         for p in [*(project / "results").rglob("*"), *(project / "data/checkpoints").glob("*")]
-        if p.is_file()
-        and not any(part in str(p.relative_to(project)) for part in FID_AND_DOWNSTREAM)
+        if p.is_file() and not any(part in str(p.relative_to(project)) for part in REMADE)
     }
     assert any("samples" in str(p) for p in kept) and any("bench" in str(p) for p in kept)
 
-    fid_jobs = len(list((project / "results/metrics").glob("*.json")))
-    # A setting only fid reads: its params change (so it reruns) and the job fails on the node.
-    broken = "presets={digits: {fid: {classifier: data/pretrained/absent.pt}}}"
-    failed = snakemake(
-        project, *runs.slurm_args, "results/report.md", "--config", broken, env=runs.env
-    )
+    # One job's input truncated: that job reruns (its input changed) and fails on the node.
+    damaged.write_bytes(good[: len(good) // 2])
+    failed = snakemake(project, *runs.slurm_args, "results/report.md", env=runs.env)
     assert failed.returncode != 0, failed.log[-3000:]
-    assert "Error in rule fid" in failed.log, failed.log[-3000:]
-    assert set(RULE.findall(failed.log)) == {"fid", "fid_damage"}
-    jobids = SUBMITTED.findall(failed.log)
-    assert len(jobids) == fid_jobs
-    for jobid in jobids:
-        assert list((project / ".snakemake" / "slurm_logs").rglob(f"rule_fid*/**/{jobid}.log"))
-    assert "absent.pt" in (project / "results/logs/fid_fp32.log").read_text()
+    assert "Error in rule fid_damage" in failed.log, failed.log[-3000:]
+    assert set(RULE.findall(failed.log)) == {"fid_damage"}
+    (jobid,) = SUBMITTED.findall(failed.log)
+    assert list((project / ".snakemake" / "slurm_logs").rglob(f"rule_fid_damage/**/{jobid}.log"))
+    reason = project / f"results/logs/fid_damage_{damaged.stem.removeprefix('fp32-noise')}.log"
+    assert "is not a complete modiff samples file" in reason.read_text()
 
-    fixed = snakemake(project, *runs.slurm_args, "results/report.md", env=runs.env)
+    # The fix the error message gives: rerun the step that wrote the file.
+    fixed = snakemake(project, *runs.slurm_args, "results/report.md", "-R", "damage", env=runs.env)
     assert fixed.returncode == 0, fixed.log[-3000:]
-    assert set(RULE.findall(fixed.log)) == {"fid", "fid_damage", "gather", "report"}
-    assert (project / "results/metrics/fp32.json").read_text() == metrics
+    assert set(RULE.findall(fixed.log)) == {"damage", "fid_damage", "report"}
+    assert damaged.read_bytes() == good and metrics.read_text() == scores
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
