@@ -236,6 +236,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         config = QuantConfig(
             w_bits=args.w_bits, a_bits=args.a_bits, a_scale=args.a_scale, backend=args.backend,
             a_granularity=args.a_granularity, modulation=args.modulation, warmup=args.warmup,
+            reconstruction=args.reconstruction, reconstruction_iters=args.reconstruction_iters,
+            learn_act_scales=args.learn_act_scales,
         )  # fmt: skip
     from modiff.config import calibration_path
 
@@ -445,6 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="none: Q-Diff; compensated: MoDiff; uncompensated: the paper's ablation",
     )  # fmt: skip
     p.add_argument("--warmup", default="fp", help="MoDiff first step: fp, quantized or repeat:k")
+    p.add_argument(
+        "--reconstruction",
+        choices=["none", "layer", "block"],
+        default="none",
+        help="learned weight rounding: AdaRound per layer or per block (BRECQ)",
+    )
+    p.add_argument(
+        "--reconstruction-iters",
+        type=_non_negative_int,
+        default=2000,
+        help="Adam steps per reconstructed unit",
+    )
+    p.add_argument("--learn-act-scales", action="store_true",
+                   help="refine static (MoDiff: residual) activation scales LSQ-style")  # fmt: skip
 
     p = add("fid", cmd_fid)
     p.add_argument("--samples", required=True)

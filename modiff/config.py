@@ -87,11 +87,17 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
     return problems
 
 
+RECIPE_SUFFIXES = {"none": "", "layer": "-adaround", "block": "-brecq"}
+
+
 def variant_name(v: dict[str, Any]) -> str:
-    """fp32, or <method>-<a_scale>-w<bits>a<bits>: a variant's name, from its settings."""
+    """fp32, or <method>-<a_scale>-w<bits>a<bits>[-adaround|-brecq][-lsq]: a variant's name,
+    from its settings (the suffixes: learned rounding per layer or block, learned scales)."""
     if v["method"] == "fp32":
         return "fp32"
-    return f"{v['method']}-{v['a_scale']}-w{v['w_bits']}a{v['a_bits']}"
+    recipe = RECIPE_SUFFIXES[v.get("reconstruction", "none")]
+    recipe += "-lsq" if v.get("learn_act_scales") else ""
+    return f"{v['method']}-{v['a_scale']}-w{v['w_bits']}a{v['a_bits']}{recipe}"
 
 
 def find_variant(params: dict[str, Any], name: str) -> dict[str, Any]:

@@ -9,7 +9,19 @@ from typing import Any
 
 from modiff.io import atomic_output
 
-METHODS = {"qdiff": "Q-Diffusion", "modiff": "Q-Diffusion + MoDiff"}
+RECONSTRUCTIONS = {"layer": "AdaRound per layer", "block": "BRECQ"}
+
+
+def method_label(record: dict[str, Any]) -> str:
+    """The method of a record by what it ran: Q-Diffusion only with its reconstruction."""
+    recon = record.get("reconstruction") or "none"
+    if recon == "none":
+        base = "PTQ (MSE scales, nearest rounding)"
+    else:
+        base = f"Q-Diffusion ({RECONSTRUCTIONS[recon]})"
+    if record.get("learn_act_scales"):
+        base += ", learned step sizes"
+    return base + (" + MoDiff" if record["method"] == "modiff" else "")
 
 
 def _rel(path: str | Path, start: Path) -> str:
@@ -24,7 +36,9 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
     """Rows: method and scale type; columns: W/A bits (the paper's Table 1 shape)."""
     quantized = [r for r in records if r["method"] != "fp32"]
     columns = sorted({(r["w_bits"], r["a_bits"]) for r in quantized}, key=lambda b: (-b[0], -b[1]))
-    rows = sorted({(r["method"], r["a_scale"]) for r in quantized})
+    # The paper's row order: static scales before dynamic ones, each without and with MoDiff.
+    order = sorted(quantized, key=lambda r: (r["a_scale"] == "dynamic", r["method"] == "modiff"))
+    rows = list(dict.fromkeys((method_label(r), r["a_scale"]) for r in order))
     header = "| method | " + " | ".join(f"W{w}A{a}" for w, a in columns) + " |"
     lines = [header, "|---|" + "---|" * len(columns)]
     fp32 = next((r for r in records if r["method"] == "fp32"), None)
@@ -34,10 +48,10 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
     for method, scale in rows:
         cells = []
         for w, a in columns:
-            hit = [r for r in quantized if (r["method"], r["a_scale"], r["w_bits"], r["a_bits"])
-                   == (method, scale, w, a)]  # fmt: skip
+            hit = [r for r in quantized if (method_label(r), r["a_scale"]) == (method, scale)
+                   and (r["w_bits"], r["a_bits"]) == (w, a)]  # fmt: skip
             cells.append(_fmt(hit[0][key], digits) if hit else "")
-        lines.append(f"| {METHODS[method]}, {scale} scales | " + " | ".join(cells) + " |")
+        lines.append(f"| {method}, {scale} scales | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -80,7 +80,8 @@ def fid_record(
     )
     if "noise_sigma" in meta:
         record["noise_sigma"] = meta["noise_sigma"]
-    record.update({k: quant[k] for k in ("w_bits", "a_bits", "a_scale") if k in quant})
+    keys = ("w_bits", "a_bits", "a_scale", "reconstruction", "learn_act_scales")
+    record.update({k: quant[k] for k in keys if k in quant})
     return record
 
 
@@ -96,6 +97,8 @@ def variant_record(metrics: dict[str, Any], bench_rows: list[dict[str, Any]]) ->
         "a_scale": metrics.get("a_scale") if quantized else None,
         "w_bits": metrics.get("w_bits", 32),
         "a_bits": metrics.get("a_bits", 32),
+        "reconstruction": metrics.get("reconstruction", "none") if quantized else None,
+        "learn_act_scales": metrics.get("learn_act_scales", False) if quantized else None,
         "backend": metrics["backend"],
         "device": metrics.get("device"),
         "kernels": metrics.get("kernels"),  # CPU ISA; native: exact or saturating, schemes

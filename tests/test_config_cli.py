@@ -59,6 +59,11 @@ def test_default_params_are_valid():
             "variants: 'fp32' is a required property",
         ),
         ('variants.fp32={"method": "fp32", "w_bits": 8}', "variants.fp32: .* is not valid"),
+        (
+            'variants.qdiff-static-w4a8={"method": "qdiff", "a_scale": "static", "w_bits": 4, '
+            '"a_bits": 8, "reconstruction": "block"}',
+            "must be named 'qdiff-static-w4a8-brecq'",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(params_file, override, message):

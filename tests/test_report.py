@@ -79,3 +79,15 @@ def test_report_says_when_no_peers_ran(tmp_path):
 def test_schemes_read_largest_first():
     assert format_schemes({"direct": 58, "split": 67}) == "split 67, direct 58"
     assert format_schemes({}) == "-" and format_schemes(None) == "-"
+
+
+def test_only_reconstruction_is_called_q_diffusion():
+    from modiff.report import method_label
+
+    plain = {"method": "qdiff", "reconstruction": "none", "learn_act_scales": False}
+    assert method_label(plain) == "PTQ (MSE scales, nearest rounding)"
+    brecq = {"method": "modiff", "reconstruction": "block", "learn_act_scales": True}
+    assert method_label(brecq) == "Q-Diffusion (BRECQ), learned step sizes + MoDiff"
+    assert method_label({"method": "qdiff", "reconstruction": "layer"}).startswith(
+        "Q-Diffusion (AdaRound per layer)"
+    )

@@ -1,17 +1,19 @@
 """``quantize_(model, config, calibration)``: swap every selected Conv2d/Linear for a quantized one.
 
-Method ("Q-Diff-style calibration (MSE scale search, nearest rounding)"; no AdaRound/BRECQ
-reconstruction):
+Method (Q-Diffusion's calibration):
 - weights: symmetric, per output channel, scale by an L_p (p = 2.4) search over 80 clipping
-  ranges ``max|w| (1 - 0.01 i)``, nearest rounding;
+  ranges ``max|w| (1 - 0.01 i)``, nearest rounding; with ``config.reconstruction`` the rounding
+  is then learned (AdaRound per layer or per block, :mod:`modiff.quant.reconstruction`);
 - static activations: one scale per layer input, chosen from the same 80 clipping ranges of the
   input's max |a| by the least L_p error of the quantised input over the calibration data
   (a bounded random subsample of each layer's inputs; the max is exact);
+  (``config.learn_act_scales``: then refined LSQ-style);
 - dynamic activations: scale from each tensor's range at run time (per tensor or per sample).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -226,7 +228,16 @@ def quantize_(
         for i, part in enumerate(_parts(layer, splits[name])):
             key = name if splits[name] is None else f"{name}.part{i}"
             params[key] = make_layer_params(part, config, stats.get(key))
-    return apply_params(model, config, params, splits)
+    learns = config.reconstruction != "none" or config.learn_act_scales
+    if learns and calibration is None:
+        raise ValueError("reconstruction and learned step sizes need calibration data")
+    fp_model = copy.deepcopy(model).eval() if learns else None
+    apply_params(model, config, params, splits)
+    if learns:
+        from modiff.quant.reconstruction import reconstruct_
+
+        reconstruct_(model, fp_model, config, calibration, seed=seed)
+    return model
 
 
 def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
@@ -275,7 +286,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 # --- saved quantization parameters -------------------------------------------------------------
 
-PARAMS_FORMAT = "modiff-qparams-v1"
+PARAMS_FORMAT = "modiff-qparams-v2"  # v2: the weight codes are saved
 
 
 def weights_fingerprint(model: nn.Module, names: list[str]) -> str:
@@ -321,7 +332,8 @@ def save_quant_params(
 
 
 def _layer_state(m: QuantLayer) -> dict[str, Any]:
-    state = {"weight_scale": m.weight_scale.clone()}
+    # The codes too: learned rounding (AdaRound) is not nearest rounding of the weights.
+    state = {"weight_codes": m.weight_codes.clone(), "weight_scale": m.weight_scale.clone()}
     if m.act_scale is not None:
         state["act_scale"] = m.act_scale.clone()
         state["act_zero_point"] = m.act_zero_point.clone()
@@ -363,9 +375,8 @@ def load_quantized(
         for i, part in enumerate(_parts(layer, entry["split"])):
             key = name if entry["split"] is None else f"{name}.part{i}"
             st = entry["parts"][i]
-            w = part.weight.detach().cpu()
             params[key] = LayerParams(
-                weight_codes=quantize_weight(w, st["weight_scale"], config.w_bits),
+                weight_codes=st["weight_codes"],
                 weight_scale=st["weight_scale"],
                 bias=None if part.bias is None else part.bias.detach().cpu().float(),
                 act_scale=st.get("act_scale"),

@@ -13,6 +13,7 @@ A_SCALES = ("static", "dynamic")
 BACKENDS = ("native", "simulated")
 A_GRANULARITIES = ("per_tensor", "per_sample")
 MODULATIONS = ("none", "compensated", "uncompensated")
+RECONSTRUCTIONS = ("none", "layer", "block")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class QuantConfig:
       ``uncompensated`` (residual against the true previous input: the paper's ablation).
     - ``warmup``: the first step of a trajectory under modulation: ``fp`` (full precision,
       the paper's default), ``quantized``, or ``repeat:k`` (a_T fed k times).
+    - ``reconstruction``: ``none`` (nearest rounding), ``layer`` or ``block`` (AdaRound learned
+      per layer, or per residual/attention block as BRECQ and Q-Diffusion do), for
+      ``reconstruction_iters`` Adam steps per unit on the calibration data.
+    - ``learn_act_scales``: refine each static activation scale (for MoDiff: each residual
+      scale, on the calibration pairs) LSQ-style after the MSE initialisation.
     """
 
     w_bits: int = 8
@@ -48,6 +54,9 @@ class QuantConfig:
     warmup: str = "fp"
     calib_batch_size: int = 256
     calib_max_values: int = 1 << 18  # values per layer input kept for the scale search
+    reconstruction: str = "none"
+    reconstruction_iters: int = 2000
+    learn_act_scales: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -67,6 +76,13 @@ class QuantConfig:
             raise ValueError(
                 f"warmup must be 'fp', 'quantized' or 'repeat:k' (k >= 1), got {self.warmup!r}"
             )
+        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        if not isinstance(self.reconstruction_iters, int) or self.reconstruction_iters < 0:
+            raise ValueError(
+                f"reconstruction_iters must be an integer >= 0, got {self.reconstruction_iters!r}"
+            )
+        if self.learn_act_scales and self.a_scale != "static":
+            raise ValueError("learn_act_scales needs a_scale 'static' (dynamic: nothing to learn)")
         if self.calib_batch_size < 1 or self.calib_max_values < 1:
             raise ValueError("calib_batch_size and calib_max_values must be positive")
         object.__setattr__(self, "include", tuple(self.include))
@@ -85,7 +101,12 @@ class QuantConfig:
     @property
     def recipe(self) -> str:
         """How the quantization parameters are found, in words (recorded with them)."""
-        return "MSE scale search, nearest rounding"
+        rounding = {"none": "nearest rounding", "layer": "AdaRound per layer",
+                    "block": "AdaRound per block (BRECQ)"}[self.reconstruction]  # fmt: skip
+        steps = ", learned step sizes (LSQ)" if self.learn_act_scales else ""
+        learned = self.reconstruction != "none" or self.learn_act_scales
+        iters = f" ({self.reconstruction_iters} iterations per unit)" if learned else ""
+        return f"MSE scale search, {rounding}{steps}{iters}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +123,9 @@ class QuantConfig:
             a_granularity=quant["dynamic_granularity"] if dynamic else "per_tensor",
             modulation="compensated" if variant["method"] == "modiff" else "none",
             warmup=quant["warmup"],
+            reconstruction=variant.get("reconstruction", "none"),
+            reconstruction_iters=variant.get("reconstruction_iters", cls.reconstruction_iters),
+            learn_act_scales=variant.get("learn_act_scales", False),
         )
 
     @classmethod

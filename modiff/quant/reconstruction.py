@@ -1,0 +1,326 @@
+"""Q-Diffusion's reconstruction (BRECQ/AdaRound) and LSQ-style learned activation step sizes.
+
+After the MSE initialisation of :func:`modiff.quant.api.quantize_`, each reconstruction unit (a
+quantized layer, or with ``reconstruction="block"`` a residual or attention block) is
+optimised in model order so that its output on cached calibration inputs matches the FP32
+model's (BRECQ's "asym" mode: inputs from the already-quantized model, targets from FP32):
+
+- AdaRound: each weight rounds to ``floor(w / delta) + h(V)``, h a rectified sigmoid; the loss
+  adds ``lambda * sum(1 - |2h - 1|^b)`` after a warm-up, b annealed from 20 to 2, which drives
+  h to 0 or 1. The result is hard rounding, i.e. integer codes within one step of nearest
+  rounding, which the native kernels run unchanged.
+- Learned step sizes (``learn_act_scales``): each static activation scale is a parameter,
+  rounded with a straight-through estimator (LSQ). For MoDiff the quantized input is the
+  residual against the previous step's input; its scale is learned on the calibration pairs
+  (x_prev, x_t) with the loss on the layer output.
+
+The numbers are FACTS §3a's (BRECQ's defaults): batch 32, Adam 1e-3 on V, 4e-5 on step sizes
+with a cosine schedule, lambda 0.01, warm-up 20%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from modiff.quant.config import QuantConfig
+from modiff.quant.layers import QuantLayer, SplitInputLayer
+from modiff.quant.quantizer import weight_grid
+
+log = logging.getLogger(__name__)
+
+GAMMA, ZETA = -0.1, 1.1  # the rectified sigmoid's stretch
+REG_WEIGHT = 0.01
+B_START, B_END = 20.0, 2.0
+WARMUP = 0.2
+BATCH = 32
+LR_ROUNDING, LR_SCALE = 1e-3, 4e-5
+MAX_INPUTS = 1024  # calibration inputs cached per unit (all of them if fewer)
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedLayer(nn.Module):
+    """A quantized layer while it is reconstructed: fake quantization in float that gradients
+    reach (rounding variables V, the static activation scale), on the layer's FP32 weight."""
+
+    def __init__(self, layer: QuantLayer, weight: torch.Tensor, learn_rounding: bool,
+                 learn_scale: bool):  # fmt: skip
+        super().__init__()
+        self.target = [layer]  # a list: not a submodule (it is restored in its place later)
+        self.config = dataclasses.replace(layer.config, modulation="none")
+        self.w_qmin, self.w_qmax = weight_grid(layer.config.w_bits)
+        self.a_qmin, self.a_qmax = layer.a_qmin, layer.a_qmax
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        self.register_buffer("w_scale", layer.weight_scale.reshape(shape).clone())
+        self.rounding = None
+        if learn_rounding:  # starts at the fractional part: h(V) = w / delta - floor
+            scaled = weight.float() / self.w_scale
+            self.register_buffer("w_floor", torch.floor(scaled))
+            self.rounding = nn.Parameter(_inverse_rectified_sigmoid(scaled - self.w_floor))
+        else:  # the layer's codes as they are
+            self.register_buffer("fixed_codes", layer.weight_codes.float())
+        self.act_scale = self.fixed_act_scale = None
+        if layer.act_scale is not None:
+            scale = layer.act_scale.detach().clone().float()
+            if learn_scale:
+                self.act_scale = nn.Parameter(scale)
+            else:
+                self.fixed_act_scale = scale
+            self.act_zero_point = float(layer.act_zero_point)
+        self.bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.is_conv = layer.is_conv
+        self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups) \
+            if layer.is_conv else None  # fmt: skip
+        self.hard = False
+        self.quantize_inputs = True
+        self.use_bias = True
+
+    def codes(self) -> torch.Tensor:
+        if self.rounding is None:
+            return self.fixed_codes
+        h = rectified_sigmoid(self.rounding)
+        up = (h >= 0.5).float() if self.hard else h
+        return (self.w_floor + up).clamp(self.w_qmin, self.w_qmax)
+
+    def regulariser(self, b: float) -> torch.Tensor:
+        if self.rounding is None:
+            return torch.zeros(())
+        h = rectified_sigmoid(self.rounding)
+        return (1 - (2 * h - 1).abs().pow(b)).sum()
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.target[0]
+        if layer.act_scale is None:  # dynamic: the run-time scale, not learned
+            scale, zp = layer.act_params(x.detach())
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            scale, zp = scale.reshape(shape), zp.reshape(shape).float()
+        else:
+            scale = self.act_scale if self.act_scale is not None else self.fixed_act_scale
+            zp = self.act_zero_point
+        codes = torch.clamp(_round_ste(x / scale) + zp, self.a_qmin, self.a_qmax)
+        return (codes - zp) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.codes() * self.w_scale
+        xq = self.quantize_input(x) if self.quantize_inputs else x
+        bias = self.bias if self.use_bias else None
+        if self.is_conv:
+            return F.conv2d(xq, w, bias, *self.conv_args)
+        return F.linear(xq, w, bias)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write the learned codes (hard rounding) and scale into the quantized layer."""
+        layer, self.hard = self.target[0], True
+        layer.weight_codes.copy_(self.codes().to(torch.int8))
+        if self.act_scale is not None:
+            layer.act_scale.copy_(self.act_scale.detach().abs().clamp_min(1e-8))
+        layer._derive()
+
+
+def reconstruct_(
+    model: nn.Module,
+    fp_model: nn.Module,
+    config: QuantConfig,
+    calibration: dict[str, torch.Tensor],
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Optimise the quantized ``model`` against ``fp_model``, unit by unit in model order.
+
+    Returns each unit's output mse on its cached inputs before and after, by unit name (and
+    ``<name>:residual`` for MoDiff's residual step sizes).
+
+    Plain quantization learns rounding and step sizes together on quantized inputs. Under
+    MoDiff's modulation the activation scale is a residual's: weights are reconstructed first
+    on FP inputs, then each layer's residual step size on the calibration pairs.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(calibration["xs"]), generator=g)[:MAX_INPUTS]
+    inputs = {k: v[pick] for k, v in calibration.items()}
+    modulated = config.modulation != "none"
+    learn_scales = config.learn_act_scales and config.a_scale == "static"
+    passes = []
+    if config.reconstruction != "none":
+        passes.append(("weights", config.reconstruction, not modulated and learn_scales))
+    if modulated and learn_scales:
+        passes.append(("residual", "layer", True))
+    elif not passes and learn_scales:
+        passes.append(("weights", "layer", True))
+    losses = {}
+    for kind, granularity, scales in passes:
+        units = reconstruction_units(model, granularity)
+        for name in tqdm(units, desc=f"reconstruct {kind} ({granularity})", leave=False):
+            key = name if kind == "weights" else f"{name}:residual"
+            rounding = kind == "weights" and config.reconstruction != "none"
+            losses[key] = _reconstruct_unit(
+                model, fp_model, name, inputs, config.reconstruction_iters, rounding=rounding,
+                scales=scales, residual=kind == "residual", quantized_inputs=not modulated,
+            )  # fmt: skip
+            log.info("%s: output mse %.4g before, %.4g after", key, *losses[key])
+    return losses
+
+
+def reconstruction_units(model: nn.Module, granularity: str) -> list[str]:
+    """Names of the modules reconstructed one at a time, in model order: quantized layers (a
+    split layer is one unit), or for ``block`` the residual and attention blocks, with the
+    layers outside any block (conv_in, conv_out, time embedding, resampling) on their own."""
+    from modiff.models.unet import AttnBlock, ResnetBlock
+
+    blocks = (ResnetBlock, AttnBlock) if granularity == "block" else ()
+    units: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(u + ".") for u in units):
+            continue
+        if isinstance(m, blocks) or isinstance(m, SplitInputLayer | QuantLayer):
+            units.append(name)
+    return units
+
+
+def _learned_layers(unit: nn.Module, fp_unit: nn.Module, rounding: bool, scales: bool) -> dict:
+    """A LearnedLayer for each quantized layer of ``unit``, by its name in the unit."""
+    from modiff.quant.api import _parts
+
+    found = {}
+    for name, m in unit.named_modules():
+        if isinstance(m, SplitInputLayer):
+            for i, part in enumerate(_parts(fp_unit.get_submodule(name), m.split)):
+                found[f"{name}.parts.{i}".lstrip(".")] = (m.parts[i], part.weight.detach())
+        elif isinstance(m, QuantLayer) and ".parts." not in f".{name}.":
+            found[name] = (m, fp_unit.get_submodule(name).weight.detach())
+    return {n: LearnedLayer(q, w, rounding, scales) for n, (q, w) in found.items()}
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, what: str):
+    """The unit's positional inputs (``what="inputs"``) or output over all of ``xs``, batched."""
+    unit, got = model.get_submodule(name), []
+
+    def hook(_m, args, out):
+        got.append(tuple(a.detach() for a in args) if what == "inputs" else out.detach())
+        raise _Stop
+
+    handle = unit.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(xs), 256):
+                try:
+                    model(xs[i : i + 256], ts[i : i + 256])
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if what == "inputs":
+        return tuple(torch.cat(parts) for parts in zip(*got, strict=True))
+    return torch.cat(got)
+
+
+def _swap(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put ``layers`` in place in ``unit`` (by name); returns what they replaced. In place, not on
+    a copy: native layers hold packed weights that cannot be deep-copied."""
+    from modiff.quant.api import _set_submodule
+
+    replaced = {}
+    for name, layer in layers.items():
+        if name:
+            replaced[name] = unit.get_submodule(name)
+            _set_submodule(unit, name, layer)
+    return replaced
+
+
+def _reconstruct_unit(model, fp_model, name, inputs, iters, *, rounding, scales, residual,
+                      quantized_inputs) -> tuple[float, float]:  # fmt: skip
+    fp_unit = fp_model.get_submodule(name)
+    unit = model.get_submodule(name)
+    source = model if quantized_inputs else fp_model  # BRECQ's asym: quantized inputs
+    args = _capture(source, name, inputs["xs"], inputs["ts"], "inputs")
+    prev = _capture(fp_model, name, inputs["xs_prev"], inputs["ts_prev"], "inputs") \
+        if residual else None  # fmt: skip
+    target = _capture(fp_model, name, inputs["xs"], inputs["ts"], "output")
+    learned = _learned_layers(unit, fp_unit, rounding, scales)
+    runner = learned.get("", unit)
+    originals = _swap(unit, learned)
+    for m in learned.values():
+        m.quantize_inputs = quantized_inputs or residual
+
+    def output(idx: torch.Tensor) -> torch.Tensor:
+        batch = tuple(a[idx] for a in args)
+        if prev is None:
+            return runner(*batch)
+        # MoDiff's first modulated step: a_prev is exact (FP warm-up), the residual quantized:
+        # out = A(a_prev) + A(Q(a_t - a_prev)), with the bias once.
+        (x,), (x_prev,) = batch, tuple(p[idx] for p in prev)
+        _set(learned, quantize_inputs=False)
+        base = runner(x_prev)
+        _set(learned, quantize_inputs=True, use_bias=False)
+        out = base + runner(x - x_prev)
+        _set(learned, use_bias=True)
+        return out
+
+    def loss_on_all() -> float:
+        with torch.no_grad():
+            total = sum(F.mse_loss(output(idx), target[idx], reduction="sum").item()
+                        for idx in torch.arange(len(target)).split(256))  # fmt: skip
+        return total / target.numel()
+
+    _set(learned, hard=True)  # the starting point: nearest rounding, MSE scales
+    before = loss_on_all()
+    _set(learned, hard=False)
+    params_v = [m.rounding for m in learned.values() if m.rounding is not None]
+    params_s = [m.act_scale for m in learned.values() if m.act_scale is not None]
+    if iters and (params_v or params_s):
+        _optimise(learned, output, target, params_v, params_s, iters)
+    _set(learned, hard=True)
+    after = loss_on_all()
+    for m in learned.values():
+        m.commit()
+    _swap(unit, originals)
+    return before, after
+
+
+def _optimise(learned, output, target, params_v, params_s, iters) -> None:
+    groups = [{"params": params_v, "lr": LR_ROUNDING}] if params_v else []
+    groups += [{"params": params_s, "lr": LR_SCALE}] if params_s else []
+    opt = torch.optim.Adam(groups)
+    # Only the step sizes follow a cosine schedule to 0 (BRECQ keeps V's rate constant).
+    decay = [lambda _: 1.0] * bool(params_v)
+    decay += [lambda it: 0.5 * (1 + math.cos(math.pi * it / iters))] * bool(params_s)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    for it in range(iters):
+        idx = torch.randint(len(target), (min(BATCH, len(target)),))
+        loss = F.mse_loss(output(idx), target[idx], reduction="sum") / len(idx)
+        if params_v and it >= WARMUP * iters:
+            progress = (it - WARMUP * iters) / max(1.0, (1 - WARMUP) * iters)
+            b = B_END + (B_START - B_END) * (1 - progress)  # linear, 20 -> 2
+            loss = loss + REG_WEIGHT * sum(m.regulariser(b) for m in learned.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+
+
+def _set(learned: dict[str, LearnedLayer], **flags) -> None:
+    for m in learned.values():
+        for k, v in flags.items():
+            setattr(m, k, v)

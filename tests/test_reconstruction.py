@@ -1,0 +1,184 @@
+"""Q-Diffusion's reconstruction (AdaRound per layer and per block) and learned step sizes, on a
+tiny UNet of the DDIM family with random calibration inputs."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from modiff.models import build_model
+from modiff.quant import QuantConfig, quantize_
+from modiff.quant.api import load_quantized, save_quant_params, target_layers, weights_fingerprint
+from modiff.quant.layers import QuantLayer
+from modiff.quant.reconstruction import reconstruct_, reconstruction_units
+
+ITERS = 150
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(tiny_config(ch_mult=[1, 2])).eval()
+
+
+def _calibration(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, 3, 8, 8, generator=g)
+    ts = torch.randint(0, 1000, (n,), generator=g).float()
+    return {"xs": xs, "ts": ts, "xs_prev": xs + 0.05 * torch.randn(xs.shape, generator=g),
+            "ts_prev": ts + 10}  # fmt: skip
+
+
+def _config(**kw):
+    base = {"w_bits": 4, "a_bits": 8, "backend": "simulated", "calib_max_values": 1 << 14,
+            "reconstruction_iters": ITERS}  # fmt: skip
+    return QuantConfig(**{**base, **kw})
+
+
+def _codes(model):
+    return {
+        n: m.weight_codes.clone() for n, m in model.named_modules() if isinstance(m, QuantLayer)
+    }
+
+
+def _nearest_then_reconstructed(granularity, **kw):
+    """The nearest-rounding model, and a copy reconstructed from it with its losses."""
+    fp, calibration = _model(), _calibration()
+    nearest = quantize_(copy.deepcopy(fp), _config(**kw), calibration)
+    learned = copy.deepcopy(nearest)
+    losses = reconstruct_(learned, fp, _config(reconstruction=granularity, **kw), calibration)
+    return fp, calibration, nearest, learned, losses
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity):
+    fp, calibration, nearest, learned, losses = _nearest_then_reconstructed(granularity)
+    before, after = _codes(nearest), _codes(learned)
+    assert before.keys() == after.keys()
+    changed = 0
+    for name in before:
+        step = (after[name].int() - before[name].int()).abs()
+        assert step.max() <= 1, name  # up or down from the floor: at most one step from nearest
+        changed += int(step.sum())
+    assert changed > 0  # the rounding was learned, not left as it was
+    assert all(a <= b * 1.001 for b, a in losses.values()), losses
+    assert sum(a for _, a in losses.values()) < sum(b for b, _ in losses.values()), losses
+    assert max(1 - a / b for b, a in losses.values()) > 0.1, losses  # some unit gains a lot
+    # The whole model follows: closer to FP32 on the calibration inputs than nearest rounding.
+    with torch.no_grad():
+        ref = fp(calibration["xs"], calibration["ts"])
+        err = {m: (model(calibration["xs"], calibration["ts"]) - ref).pow(2).mean().item()
+               for m, model in (("nearest", nearest), ("learned", learned))}  # fmt: skip
+    assert err["learned"] < err["nearest"], err
+
+
+def test_block_units_are_residual_and_attention_blocks_and_outer_layers():
+    fp = _model()
+    model = quantize_(copy.deepcopy(fp), _config(), _calibration())
+    units = reconstruction_units(model, "block")
+    kinds = {type(model.get_submodule(u)).__name__ for u in units}
+    assert kinds == {"ResnetBlock", "AttnBlock", "QuantLayer"}, kinds
+    assert "conv_in" in units and "conv_out" in units
+    layers = reconstruction_units(model, "layer")
+    assert len(layers) > len(units) and all(
+        any(layer == u or layer.startswith(u + ".") for u in units) for layer in layers
+    )
+
+
+def test_learned_step_sizes_lower_the_loss_of_plain_and_modiff_layers():
+    fp, calibration = _model(), _calibration()
+    for kw, suffix in (({}, ""), ({"modulation": "compensated"}, ":residual")):
+        model = quantize_(copy.deepcopy(fp), _config(a_bits=4, w_bits=8, **kw), calibration)
+        scales = {n: float(m.act_scale) for n, m in model.named_modules()
+                  if isinstance(m, QuantLayer)}  # fmt: skip
+        config = _config(a_bits=4, w_bits=8, learn_act_scales=True, reconstruction_iters=60, **kw)
+        losses = reconstruct_(model, fp, config, calibration)
+        assert losses and all(k.endswith(suffix) for k in losses), list(losses)[:3]
+        assert sum(a for _, a in losses.values()) < sum(b for b, _ in losses.values())
+        moved = [n for n, m in model.named_modules()
+                 if isinstance(m, QuantLayer) and float(m.act_scale) != scales[n]]  # fmt: skip
+        assert moved
+
+
+def test_learned_codes_and_scales_are_saved_and_loaded_without_relearning(tmp_path):
+    fp, calibration = _model(), _calibration()
+    config = _config(reconstruction="layer", learn_act_scales=True, reconstruction_iters=40)
+    fingerprint = weights_fingerprint(fp, list(target_layers(fp, config)))
+    model = quantize_(copy.deepcopy(fp), config, calibration)
+    nearest = quantize_(copy.deepcopy(fp), _config(), calibration)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(_codes(model).values(), _codes(nearest).values(), strict=True)
+    )
+    save_quant_params(model, config, fingerprint, tmp_path / "q.pt", {"variant": "x"})
+    loaded, loaded_config = load_quantized(copy.deepcopy(fp), tmp_path / "q.pt")
+    assert loaded_config == config
+    for (name, a), b in zip(_codes(model).items(), _codes(loaded).values(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        x, t = calibration["xs"][:4], calibration["ts"][:4]
+        torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"reconstruction": "blocks"}, "reconstruction must be one of"),
+        ({"reconstruction_iters": -1}, "reconstruction_iters must be an integer >= 0"),
+        ({"learn_act_scales": True, "a_scale": "dynamic"}, "learn_act_scales needs a_scale"),
+    ],
+)
+def test_bad_reconstruction_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kw)
+
+
+def test_reconstruction_needs_calibration_data():
+    with pytest.raises(ValueError, match="need calibration data"):
+        quantize_(_model(), _config(a_scale="dynamic", reconstruction="layer"), None)
+
+
+def test_recipe_names_what_was_learned():
+    assert _config().recipe == "MSE scale search, nearest rounding"
+    recipe = _config(reconstruction="block", learn_act_scales=True).recipe
+    assert "AdaRound per block (BRECQ)" in recipe and "learned step sizes" in recipe
+    assert f"{ITERS} iterations" in recipe
+
+
+def test_a_grid_entry_names_its_recipe():
+    from modiff.config import variant_name
+
+    entry = {"method": "qdiff", "a_scale": "static", "w_bits": 4, "a_bits": 8}
+    learned = {**entry, "reconstruction": "block", "reconstruction_iters": 500,
+               "learn_act_scales": True}  # fmt: skip
+    assert variant_name(learned) == "qdiff-static-w4a8-brecq-lsq"
+    assert variant_name({**entry, "reconstruction": "layer"}) == "qdiff-static-w4a8-adaround"
+    assert variant_name(entry) == "qdiff-static-w4a8"
+    quant = {"backend": "native", "dynamic_granularity": "per_tensor", "warmup": "fp"}
+    config = QuantConfig.from_variant(learned, quant)
+    assert (config.reconstruction, config.reconstruction_iters, config.learn_act_scales) == (
+        "block", 500, True)  # fmt: skip
+    assert QuantConfig.from_variant(entry, quant).reconstruction == "none"
+
+
+@pytest.mark.native
+def test_native_layers_are_reconstructed_in_place_and_run_the_learned_codes(tmp_path):
+    """Native layers hold packed weights that cannot be copied: reconstruction swaps in place,
+    and afterwards they run the learned codes: exactly what a model loaded from the file runs
+    (whose packed weights are built from the saved codes)."""
+    fp, calibration = _model(), _calibration(n=16)
+    config = _config(backend="native", reconstruction="block", reconstruction_iters=20)
+    native = quantize_(copy.deepcopy(fp), config, calibration)
+    nearest = quantize_(copy.deepcopy(fp), _config(backend="native"), calibration)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(_codes(native).values(), _codes(nearest).values(), strict=True)
+    )
+    fingerprint = weights_fingerprint(fp, list(target_layers(fp, config)))
+    save_quant_params(native, config, fingerprint, tmp_path / "q.pt")
+    loaded, _ = load_quantized(copy.deepcopy(fp), tmp_path / "q.pt")
+    x, t = calibration["xs"][:4], calibration["ts"][:4]
+    with torch.no_grad():
+        out, ref, nearest_out = native(x, t), loaded(x, t), nearest(x, t)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert not torch.equal(out, nearest_out)
