@@ -81,7 +81,20 @@ MODEL = ("@model", "@data", "@diffusion")
 CALIB_SAMPLING = ("@sampling.steps", "@sampling.skip_type", "@sampling.eta")
 CALIBRATION_SETTINGS = ("preset", "seed", "threads", *MODEL, "@checkpoint", "@calibration",
                         *CALIB_SAMPLING)  # fmt: skip
-FID_SETTINGS = ("preset", "device", "@fid")
+
+
+def _fid_stage(samples: str, metrics: str, foreach: str) -> Stage:
+    return Stage(
+        "fid",
+        "--samples {input.samples} --reference-samples {input.reference}"
+        " --out {output.metrics} --cache-dir data/fid_cache",
+        inputs={"samples": samples, "reference": FP32_SAMPLES},
+        outputs={"metrics": metrics},
+        settings=("preset", "device", "@fid"),
+        foreach=foreach,
+        metrics=("metrics",),
+    )
+
 
 STAGES: dict[str, Stage] = {
     "fetch_checkpoint": Stage(
@@ -119,26 +132,9 @@ STAGES: dict[str, Stage] = {
         settings=("seed",),
         foreach="sigmas",
     ),
-    "fid": Stage(
-        "fid",
-        "--samples {input.samples} --reference-samples {input.reference}"
-        " --out {output.metrics} --cache-dir data/fid_cache",
-        inputs={"samples": SAMPLES, "reference": FP32_SAMPLES},
-        outputs={"metrics": "results/metrics/{variant}.json"},
-        settings=FID_SETTINGS,
-        foreach="variants",
-        metrics=("metrics",),
-    ),
-    "fid_damage": Stage(
-        "fid",
-        "--samples {input.samples} --reference-samples {input.reference}"
-        " --out {output.metrics} --cache-dir data/fid_cache",
-        inputs={"samples": DAMAGED, "reference": FP32_SAMPLES},
-        outputs={"metrics": "results/metrics/fp32-noise{sigma}.json"},
-        settings=FID_SETTINGS,
-        foreach="sigmas",
-        metrics=("metrics",),
-    ),
+    # FID of a variant's samples, and of FP32's with noise added: one command, two foreachs.
+    "fid": _fid_stage(SAMPLES, "results/metrics/{variant}.json", "variants"),
+    "fid_damage": _fid_stage(DAMAGED, "results/metrics/fp32-noise{sigma}.json", "sigmas"),
     "grid": Stage(
         "grid",
         "--samples {input.samples} --out {output.grid}",
