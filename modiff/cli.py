@@ -241,10 +241,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         )  # fmt: skip
     from modiff.config import calibration_path
 
-    meta = calibration_meta(params, preset, _checkpoint_file(preset, args.checkpoint))
+    checkpoint = _checkpoint_file(preset, args.checkpoint)  # verified once, read twice
+    meta = calibration_meta(params, preset, checkpoint)
     calib = args.calib or calibration_path(preset["name"])
     calibration = load_calibration(calib, meta) if config.a_scale == "static" else None
-    model = _load_model(preset, args.checkpoint, "cpu")
+    model = _load_model(preset, str(checkpoint), "cpu")
     fingerprint = weights_fingerprint(model, list(target_layers(model, config)))
     t0 = time.perf_counter()
     quantize_(model, config, calibration, seed=params["seed"])

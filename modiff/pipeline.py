@@ -16,6 +16,7 @@ import ast
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -55,18 +56,20 @@ class Stage:
     metrics: tuple[str, ...] = ()  # outputs that are DVC metrics
     plots: dict[str, dict] = field(default_factory=dict)  # outputs that are DVC plots: props
 
+    def _used(self, key: str, variant: str | None) -> bool:
+        return not (variant == "fp32" and key in self.quantized_only)
+
     def settings_for(self, variant: str | None = None) -> tuple[str, ...]:
         """The params keys a job reads (for the FP32 variant: fewer, see ``quantized_only``)."""
-        return tuple(
-            k for k in self.settings if not (variant == "fp32" and k in self.quantized_only)
-        )
+        return tuple(k for k in self.settings if self._used(k, variant))
 
     def inputs_for(self, variant: str | None = None) -> dict[str, str | Each]:
-        return {
-            k: v
-            for k, v in self.inputs.items()
-            if not (variant == "fp32" and k in self.quantized_only)
-        }
+        return {k: v for k, v in self.inputs.items() if self._used(k, variant)}
+
+
+def params_key(setting: str) -> str:
+    """A table setting as a params.yaml key: ``@section`` is ``presets.{preset}.section``."""
+    return "presets.{preset}." + setting[1:] if setting.startswith("@") else setting
 
 
 CHECKPOINT = str(checkpoint_path("{preset}"))
@@ -304,10 +307,9 @@ DVC_HEADER = """\
 
 def _dvc(text: str) -> str:
     """A table path or setting in DVC's interpolation syntax."""
-    if text.startswith("@"):
-        text = "presets.{preset}." + text[1:]
     return (
-        text.replace("{preset}", "${preset}")
+        params_key(text)
+        .replace("{preset}", "${preset}")
         .replace("{variant}", "${key}")
         .replace("{sigma}", "${item}")
     )
@@ -317,16 +319,11 @@ def _dvc_path(value: str | Each) -> str:
     return _dvc(str(Path(value.pattern).parent) if isinstance(value, Each) else value)
 
 
-class _Named:
-    def __init__(self, paths: dict[str, str]):
-        self.__dict__.update(paths)
-
-
 def dvc_stage(stage: Stage) -> dict:
     """``stage`` as a dvc.yaml stage (its ``do`` part when it runs per variant or sigma)."""
     raw = {k: v.pattern if isinstance(v, Each) else v for k, v in stage.inputs.items()}
-    args = stage.args.format(input=_Named(raw), output=_Named(stage.outputs), variant="{variant}",
-                             sigma="{sigma}")  # fmt: skip
+    args = stage.args.format(input=SimpleNamespace(**raw), output=SimpleNamespace(**stage.outputs),
+                             variant="{variant}", sigma="{sigma}")  # fmt: skip
     inputs = {k: _dvc_path(v) for k, v in stage.inputs.items()}
     outputs = {k: _dvc(v) for k, v in stage.outputs.items()}
     entry: dict = {"cmd": _dvc(f"modiff {stage.command} {args}".strip())}

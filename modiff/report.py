@@ -38,7 +38,8 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
     columns = sorted({(r["w_bits"], r["a_bits"]) for r in quantized}, key=lambda b: (-b[0], -b[1]))
     # The paper's row order: static scales before dynamic ones, each without and with MoDiff.
     order = sorted(quantized, key=lambda r: (r["a_scale"] == "dynamic", r["method"] == "modiff"))
-    rows = list(dict.fromkeys((method_label(r), r["a_scale"]) for r in order))
+    row_of = {r["variant"]: (method_label(r), r["a_scale"]) for r in order}
+    rows = list(dict.fromkeys(row_of.values()))
     header = "| method | " + " | ".join(f"W{w}A{a}" for w, a in columns) + " |"
     lines = [header, "|---|" + "---|" * len(columns)]
     fp32 = next((r for r in records if r["method"] == "fp32"), None)
@@ -48,7 +49,7 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
     for method, scale in rows:
         cells = []
         for w, a in columns:
-            hit = [r for r in quantized if (method_label(r), r["a_scale"]) == (method, scale)
+            hit = [r for r in quantized if row_of[r["variant"]] == (method, scale)
                    and (r["w_bits"], r["a_bits"]) == (w, a)]  # fmt: skip
             cells.append(_fmt(hit[0][key], digits) if hit else "")
         lines.append(f"| {method}, {scale} scales | " + " | ".join(cells) + " |")

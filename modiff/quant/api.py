@@ -6,8 +6,8 @@ Method (Q-Diffusion's calibration):
   is then learned (AdaRound per layer or per block, :mod:`modiff.quant.reconstruction`);
 - static activations: one scale per layer input, chosen from the same 80 clipping ranges of the
   input's max |a| by the least L_p error of the quantised input over the calibration data
-  (a bounded random subsample of each layer's inputs; the max is exact);
-  (``config.learn_act_scales``: then refined LSQ-style);
+  (a bounded random subsample of each layer's inputs; the max is exact), with
+  ``config.learn_act_scales`` then refined LSQ-style;
 - dynamic activations: scale from each tensor's range at run time (per tensor or per sample).
 """
 
@@ -214,6 +214,9 @@ def quantize_(
     """
     if config.a_scale == "static" and calibration is None:
         raise ValueError("static activation scales need calibration data (modiff calib-data)")
+    learns = config.reconstruction != "none" or config.learn_act_scales
+    if learns and calibration is None:
+        raise ValueError("reconstruction and learned step sizes need calibration data")
     names = list(target_layers(model, config))
     if not names:
         raise ValueError("the config selects no Conv2d/Linear layer of this model")
@@ -228,9 +231,6 @@ def quantize_(
         for i, part in enumerate(_parts(layer, splits[name])):
             key = name if splits[name] is None else f"{name}.part{i}"
             params[key] = make_layer_params(part, config, stats.get(key))
-    learns = config.reconstruction != "none" or config.learn_act_scales
-    if learns and calibration is None:
-        raise ValueError("reconstruction and learned step sizes need calibration data")
     fp_model = copy.deepcopy(model).eval() if learns else None
     apply_params(model, config, params, splits)
     if learns:

@@ -152,9 +152,9 @@ def reconstruct_(
     MoDiff's modulation the activation scale is a residual's: weights are reconstructed first
     on FP inputs, then each layer's residual step size on the calibration pairs.
     """
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(calibration["xs"]), generator=g)[:MAX_INPUTS]
+    pick = torch.randperm(len(calibration["xs"]), generator=torch.Generator().manual_seed(seed))
+    pick = pick[:MAX_INPUTS]
+    batches = torch.Generator().manual_seed(seed)  # the training batches of every unit
     inputs = {k: v[pick] for k, v in calibration.items()}
     modulated = config.modulation != "none"
     learn_scales = config.learn_act_scales and config.a_scale == "static"
@@ -174,6 +174,7 @@ def reconstruct_(
             losses[key] = _reconstruct_unit(
                 model, fp_model, name, inputs, config.reconstruction_iters, rounding=rounding,
                 scales=scales, residual=kind == "residual", quantized_inputs=not modulated,
+                batches=batches,
             )  # fmt: skip
             log.info("%s: output mse %.4g before, %.4g after", key, *losses[key])
     return losses
@@ -250,7 +251,7 @@ def _swap(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]
 
 
 def _reconstruct_unit(model, fp_model, name, inputs, iters, *, rounding, scales, residual,
-                      quantized_inputs) -> tuple[float, float]:  # fmt: skip
+                      quantized_inputs, batches) -> tuple[float, float]:  # fmt: skip
     fp_unit = fp_model.get_submodule(name)
     unit = model.get_submodule(name)
     source = model if quantized_inputs else fp_model  # BRECQ's asym: quantized inputs
@@ -290,7 +291,7 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, rounding, scales,
     params_v = [m.rounding for m in learned.values() if m.rounding is not None]
     params_s = [m.act_scale for m in learned.values() if m.act_scale is not None]
     if iters and (params_v or params_s):
-        _optimise(learned, output, target, params_v, params_s, iters)
+        _optimise(learned, output, target, params_v, params_s, iters, batches)
     _set(learned, hard=True)
     after = loss_on_all()
     for m in learned.values():
@@ -299,7 +300,7 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, rounding, scales,
     return before, after
 
 
-def _optimise(learned, output, target, params_v, params_s, iters) -> None:
+def _optimise(learned, output, target, params_v, params_s, iters, batches) -> None:
     groups = [{"params": params_v, "lr": LR_ROUNDING}] if params_v else []
     groups += [{"params": params_s, "lr": LR_SCALE}] if params_s else []
     opt = torch.optim.Adam(groups)
@@ -308,7 +309,7 @@ def _optimise(learned, output, target, params_v, params_s, iters) -> None:
     decay += [lambda it: 0.5 * (1 + math.cos(math.pi * it / iters))] * bool(params_s)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     for it in range(iters):
-        idx = torch.randint(len(target), (min(BATCH, len(target)),))
+        idx = torch.randint(len(target), (min(BATCH, len(target)),), generator=batches)
         loss = F.mse_loss(output(idx), target[idx], reduction="sum") / len(idx)
         if params_v and it >= WARMUP * iters:
             progress = (it - WARMUP * iters) / max(1.0, (1 - WARMUP) * iters)

@@ -3,7 +3,7 @@
 import json
 import shlex
 
-from modiff.pipeline import MERGE, STAGES, Each, code_deps
+from modiff.pipeline import MERGE, STAGES, Each, code_deps, params_key
 
 PRESET = config["preset"]
 SAMPLING = config["presets"][PRESET]["sampling"]
@@ -28,9 +28,7 @@ def lookup(key):
 
 def _fill(text, wildcards):
     """A table path or settings key for one job (its preset and wildcards)."""
-    if text.startswith("@"):
-        text = "presets.{preset}." + text[1:]
-    return text.format(preset=PRESET, **dict(wildcards.items()))
+    return params_key(text).format(preset=PRESET, **dict(wildcards.items()))
 
 
 def settings(stage):
