@@ -15,7 +15,7 @@ include: "workflow/rules/common.smk"
 
 
 wildcard_constraints:
-    variant="fp32|(qdiff|modiff)-(static|dynamic)-w[2-8]a[2-8](-adaround|-brecq)?(-lsq)?",
+    variant="fp32|(qdiff|modiff)-(static|dynamic|lcq)-w[2-8]a[2-8](-adaround|-brecq)?(-lsq)?",
     shard=r"\d+",
     sigma=r"[0-9.e-]+",
 

@@ -81,6 +81,9 @@ def _semantic_problems(params: dict[str, Any]) -> list[str]:
                 f"batches ({batches}): a shard is made of whole batches"
             )
     for name, v in params["variants"].items():
+        if v.get("a_granularity") == "per_sample" and v["a_scale"] != "dynamic":
+            problems.append(f"variants.{name}: a_granularity per_sample needs a_scale dynamic")
+            continue
         expected = variant_name(v)
         if name != expected:
             problems.append(f"variants: '{name}' must be named '{expected}' (its settings)")
@@ -91,13 +94,20 @@ RECIPE_SUFFIXES = {"none": "", "layer": "-adaround", "block": "-brecq"}
 
 
 def variant_name(v: dict[str, Any]) -> str:
-    """fp32, or <method>-<a_scale>-w<bits>a<bits>[-adaround|-brecq][-lsq]: a variant's name,
-    from its settings (the suffixes: learned rounding per layer or block, learned scales)."""
+    """fp32, or <method>-<scales>-w<bits>a<bits>[-adaround|-brecq][-lsq]: a variant's name, from
+    its settings. <scales> is static, dynamic (per tensor, the paper's LTQ) or lcq (dynamic per
+    sample); the suffixes: learned rounding per layer or block, learned step sizes."""
     if v["method"] == "fp32":
         return "fp32"
     recipe = RECIPE_SUFFIXES[v.get("reconstruction", "none")]
     recipe += "-lsq" if v.get("learn_act_scales") else ""
-    return f"{v['method']}-{v['a_scale']}-w{v['w_bits']}a{v['a_bits']}{recipe}"
+    return f"{v['method']}-{scale_kind(v)}-w{v['w_bits']}a{v['a_bits']}{recipe}"
+
+
+def scale_kind(v: dict[str, Any]) -> str:
+    """static, dynamic (per tensor: the paper's LTQ) or lcq (dynamic per sample), from a variant's
+    settings or a metrics record."""
+    return "lcq" if v.get("a_granularity") == "per_sample" else v["a_scale"]
 
 
 def find_variant(params: dict[str, Any], name: str) -> dict[str, Any]:

@@ -7,21 +7,36 @@ import os
 from pathlib import Path
 from typing import Any
 
+from modiff.config import scale_kind
 from modiff.io import atomic_output
 
 RECONSTRUCTIONS = {"layer": "AdaRound per layer", "block": "BRECQ"}
+SCALES = {"static": "static", "dynamic": "dynamic per-tensor (LTQ)",
+          "lcq": "dynamic per-sample (LCQ)"}  # fmt: skip
 
 
 def method_label(record: dict[str, Any]) -> str:
     """The method of a record by what it ran: Q-Diffusion only with its reconstruction."""
     recon = record.get("reconstruction") or "none"
     if recon == "none":
-        base = "PTQ (MSE scales, nearest rounding)"
+        base = "PTQ (nearest rounding)"
     else:
         base = f"Q-Diffusion ({RECONSTRUCTIONS[recon]})"
     if record.get("learn_act_scales"):
         base += ", learned step sizes"
     return base + (" + MoDiff" if record["method"] == "modiff" else "")
+
+
+def row_label(record: dict[str, Any]) -> str:
+    """A row of the paper-shaped table: the method and its activation scales."""
+    return f"{method_label(record)}, {SCALES[scale_kind(record)]} scales"
+
+
+def _row_order(record: dict[str, Any]) -> tuple:
+    """The paper's row order: static, then dynamic scales; within each, plain rounding before
+    reconstruction, each without and then with MoDiff."""
+    return (list(SCALES).index(scale_kind(record)), record.get("reconstruction") != "none",
+            bool(record.get("learn_act_scales")), record["method"] == "modiff")  # fmt: skip
 
 
 def _rel(path: str | Path, start: Path) -> str:
@@ -33,26 +48,22 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[str]:
-    """Rows: method and scale type; columns: W/A bits (the paper's Table 1 shape)."""
+    """Rows: method and scales; columns: W/A bits, W8 before W4 and activation bits falling (the
+    layout of the paper's CIFAR-10 table)."""
     quantized = [r for r in records if r["method"] != "fp32"]
     columns = sorted({(r["w_bits"], r["a_bits"]) for r in quantized}, key=lambda b: (-b[0], -b[1]))
-    # The paper's row order: static scales before dynamic ones, each without and with MoDiff.
-    order = sorted(quantized, key=lambda r: (r["a_scale"] == "dynamic", r["method"] == "modiff"))
-    row_of = {r["variant"]: (method_label(r), r["a_scale"]) for r in order}
-    rows = list(dict.fromkeys(row_of.values()))
-    header = "| method | " + " | ".join(f"W{w}A{a}" for w, a in columns) + " |"
-    lines = [header, "|---|" + "---|" * len(columns)]
+    cells: dict[str, dict[tuple[int, int], Any]] = {}
+    for r in sorted(quantized, key=_row_order):
+        cells.setdefault(row_label(r), {})[(r["w_bits"], r["a_bits"])] = r[key]
+    lines = ["| method | " + " | ".join(f"W{w}A{a}" for w, a in columns) + " |",
+             "|---|" + "---|" * len(columns)]  # fmt: skip
     fp32 = next((r for r in records if r["method"] == "fp32"), None)
     if fp32 and fp32.get(key) is not None:
         padding = " |" * (len(columns) - 1)
         lines.append(f"| FP32 | {_fmt(fp32[key], digits)} (all columns) |{padding}")
-    for method, scale in rows:
-        cells = []
-        for w, a in columns:
-            hit = [r for r in quantized if row_of[r["variant"]] == (method, scale)
-                   and (r["w_bits"], r["a_bits"]) == (w, a)]  # fmt: skip
-            cells.append(_fmt(hit[0][key], digits) if hit else "")
-        lines.append(f"| {method}, {scale} scales | " + " | ".join(cells) + " |")
+    for label, row in cells.items():
+        values = [_fmt(row[c], digits) if c in row else "" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
     return lines
 
 
@@ -138,8 +149,8 @@ def write_report(
         f"- checkpoint: `{ck['source']}` ({digest[0]} `{digest[1]}`)",
         f"- sampler: DDIM, {s['steps']} {s['skip_type']} steps, eta {s['eta']}, "
         f"batch {s['batch_size']}, seed {params['seed']}, {s['shards']} shards",
-        f"- quantization: backend `{q['backend']}`, dynamic scales {q['dynamic_granularity']}, "
-        f"MoDiff warm-up `{q['warmup']}`; Q-Diffusion calibration "
+        f"- quantization: backend `{q['backend']}`, MoDiff warm-up `{q['warmup']}`; "
+        "Q-Diffusion calibration "
         f"({preset['calibration']['cali_st']} steps x {preset['calibration']['cali_n']} "
         "trajectories)",
         f"- torch {env['torch']}, CPU {env['cpu']}, {params['threads']} threads, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def fid_record(
     )
     if "noise_sigma" in meta:
         record["noise_sigma"] = meta["noise_sigma"]
-    keys = ("w_bits", "a_bits", "a_scale", "reconstruction", "learn_act_scales")
+    keys = ("w_bits", "a_bits", "a_scale", "a_granularity", "reconstruction", "learn_act_scales")
     record.update({k: quant[k] for k in keys if k in quant})
     return record
 
@@ -95,6 +96,7 @@ def variant_record(metrics: dict[str, Any], bench_rows: list[dict[str, Any]]) ->
         "variant": name,
         "method": metrics["method"],
         "a_scale": metrics.get("a_scale") if quantized else None,
+        "a_granularity": metrics.get("a_granularity", "per_tensor") if quantized else None,
         "w_bits": metrics.get("w_bits", 32),
         "a_bits": metrics.get("a_bits", 32),
         "reconstruction": metrics.get("reconstruction", "none") if quantized else None,
@@ -129,12 +131,12 @@ def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def plot_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The FID-against-bits plot's data (for ``dvc plots``)."""
-    keys = ("variant", "method", "a_scale", "w_bits", "a_bits", "fid")
+    keys = ("variant", "method", "a_scale", "a_granularity", "w_bits", "a_bits", "fid")
     return [{k: r[k] for k in keys} for r in records]
 
 
 def plot_fid_vs_bits(records: list[dict[str, Any]], dest: str | Path) -> None:
-    """FID against activation bits, one line per method and scale type (8-bit weights)."""
+    """FID against activation bits, one line per method, scales and recipe (8-bit weights)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +146,8 @@ def plot_fid_vs_bits(records: list[dict[str, Any]], dest: str | Path) -> None:
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         if r["method"] != "fp32" and r["w_bits"] == 8:
-            lines.setdefault(f"{r['method']} ({r['a_scale']})", []).append((r["a_bits"], r["fid"]))
+            label = re.sub(r"-w\d+a\d+", "", r["variant"])  # the name without its bits
+            lines.setdefault(label, []).append((r["a_bits"], r["fid"]))
     for label, points in sorted(lines.items()):
         bits, fids = zip(*sorted(points), strict=True)
         ax.plot(bits, fids, marker="o", label=label)

@@ -64,6 +64,16 @@ def test_default_params_are_valid():
             '"a_bits": 8, "reconstruction": "block"}',
             "must be named 'qdiff-static-w4a8-brecq'",
         ),
+        (
+            'variants.qdiff-dynamic-w4a4={"method": "qdiff", "a_scale": "dynamic", "w_bits": 4, '
+            '"a_bits": 4, "a_granularity": "per_sample"}',
+            "must be named 'qdiff-lcq-w4a4'",
+        ),
+        (
+            'variants.qdiff-lcq-w4a4={"method": "qdiff", "a_scale": "static", "w_bits": 4, '
+            '"a_bits": 4, "a_granularity": "per_sample"}',
+            "variants.qdiff-lcq-w4a4: a_granularity per_sample needs a_scale dynamic",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(params_file, override, message):

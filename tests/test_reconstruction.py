@@ -154,11 +154,22 @@ def test_a_grid_entry_names_its_recipe():
     assert variant_name(learned) == "qdiff-static-w4a8-brecq-lsq"
     assert variant_name({**entry, "reconstruction": "layer"}) == "qdiff-static-w4a8-adaround"
     assert variant_name(entry) == "qdiff-static-w4a8"
-    quant = {"backend": "native", "dynamic_granularity": "per_tensor", "warmup": "fp"}
+    quant = {"backend": "native", "warmup": "fp"}
     config = QuantConfig.from_variant(learned, quant)
     assert (config.reconstruction, config.reconstruction_iters, config.learn_act_scales) == (
         "block", 500, True)  # fmt: skip
     assert QuantConfig.from_variant(entry, quant).reconstruction == "none"
+
+
+def test_an_lcq_entry_quantizes_each_sample_by_its_own_scale():
+    from modiff.config import variant_name
+
+    entry = {"method": "modiff", "a_scale": "dynamic", "w_bits": 4, "a_bits": 4}
+    lcq = {**entry, "a_granularity": "per_sample"}
+    assert (variant_name(entry), variant_name(lcq)) == ("modiff-dynamic-w4a4", "modiff-lcq-w4a4")
+    quant = {"backend": "native", "warmup": "fp"}
+    assert QuantConfig.from_variant(entry, quant).a_granularity == "per_tensor"
+    assert QuantConfig.from_variant(lcq, quant).a_granularity == "per_sample"
 
 
 @pytest.mark.native

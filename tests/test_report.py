@@ -85,9 +85,40 @@ def test_only_reconstruction_is_called_q_diffusion():
     from modiff.report import method_label
 
     plain = {"method": "qdiff", "reconstruction": "none", "learn_act_scales": False}
-    assert method_label(plain) == "PTQ (MSE scales, nearest rounding)"
+    assert method_label(plain) == "PTQ (nearest rounding)"
     brecq = {"method": "modiff", "reconstruction": "block", "learn_act_scales": True}
     assert method_label(brecq) == "Q-Diffusion (BRECQ), learned step sizes + MoDiff"
     assert method_label({"method": "qdiff", "reconstruction": "layer"}).startswith(
         "Q-Diffusion (AdaRound per layer)"
     )
+
+
+def test_the_quality_table_has_the_papers_rows_and_columns():
+    from modiff.report import paper_table
+
+    def rec(method, scale, w, a, fid, **kw):
+        return {"variant": f"{method}-{scale}-w{w}a{a}", "method": method, "w_bits": w,
+                "a_bits": a, "a_scale": "static" if scale == "static" else "dynamic",
+                "a_granularity": "per_sample" if scale == "lcq" else "per_tensor",
+                "reconstruction": "none", "learn_act_scales": False, "fid": fid, **kw}  # fmt: skip
+
+    records = [
+        {"variant": "fp32", "method": "fp32", "fid": 1.0},
+        rec("modiff", "lcq", 4, 4, 1.2),
+        rec("qdiff", "lcq", 4, 4, 9.0),
+        rec("qdiff", "static", 8, 4, 5.0),
+        rec("qdiff", "static", 4, 8, 3.0, reconstruction="block"),
+        rec("modiff", "static", 8, 8, 1.1),
+        rec("qdiff", "dynamic", 8, 8, 1.05),
+    ]
+    header, _, fp32, *rows = paper_table(records, "fid", 2)
+    assert header == "| method | W8A8 | W8A4 | W4A8 | W4A4 |"
+    assert fp32.startswith("| FP32 | 1.00 (all columns) |")
+    assert rows == [
+        "| PTQ (nearest rounding), static scales |  | 5.00 |  |  |",
+        "| PTQ (nearest rounding) + MoDiff, static scales | 1.10 |  |  |  |",
+        "| Q-Diffusion (BRECQ), static scales |  |  | 3.00 |  |",
+        "| PTQ (nearest rounding), dynamic per-tensor (LTQ) scales | 1.05 |  |  |  |",
+        "| PTQ (nearest rounding), dynamic per-sample (LCQ) scales |  |  |  | 9.00 |",
+        "| PTQ (nearest rounding) + MoDiff, dynamic per-sample (LCQ) scales |  |  |  | 1.20 |",
+    ]

@@ -114,13 +114,12 @@ class QuantConfig:
     @classmethod
     def from_variant(cls, variant: dict[str, Any], quant: dict[str, Any]) -> QuantConfig:
         """The config of a params.yaml ``variants`` entry, built as params' ``quant`` says."""
-        dynamic = variant["a_scale"] == "dynamic"
         return cls(
             w_bits=variant["w_bits"],
             a_bits=variant["a_bits"],
             a_scale=variant["a_scale"],
             backend=quant["backend"],
-            a_granularity=quant["dynamic_granularity"] if dynamic else "per_tensor",
+            a_granularity=variant.get("a_granularity", "per_tensor"),
             modulation="compensated" if variant["method"] == "modiff" else "none",
             warmup=quant["warmup"],
             reconstruction=variant.get("reconstruction", "none"),
