@@ -221,6 +221,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from modiff.calibration import calibration_meta, load_calibration
     from modiff.quant import QuantConfig, quantize_
     from modiff.quant.api import save_quant_params, target_layers, weights_fingerprint
+    from modiff.runtime import resolve_device
 
     params, preset = _settings(args)
     _configure_process(params)
@@ -244,11 +245,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     checkpoint = _checkpoint_file(preset, args.checkpoint)  # verified once, read twice
     meta = calibration_meta(params, preset, checkpoint)
     calib = args.calib or calibration_path(preset["name"])
-    calibration = load_calibration(calib, meta) if config.a_scale == "static" else None
+    needs_data = config.a_scale == "static" or config.learns
+    calibration = load_calibration(calib, meta) if needs_data else None
     model = _load_model(preset, str(checkpoint), "cpu")
     fingerprint = weights_fingerprint(model, list(target_layers(model, config)))
+    # Reconstruction's optimisation runs on params' device (CUDA when there); the scale search
+    # and the layers stay on the CPU, where the native kernels are.
+    device = resolve_device(params["device"]) if config.learns else "cpu"
     t0 = time.perf_counter()
-    quantize_(model, config, calibration, seed=params["seed"])
+    quantize_(model, config, calibration, seed=params["seed"], device=device)
     meta.update(recipe=config.recipe, **({"variant": args.variant} if args.variant else {}))
     save_quant_params(model, config, fingerprint, args.out, meta)  # no run time, as for samples
     log.info("calibrated W%dA%d (%s) in %.0f s -> %s", config.w_bits, config.a_bits,

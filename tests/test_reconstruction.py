@@ -50,9 +50,13 @@ def _nearest_then_reconstructed(granularity, **kw):
     return fp, calibration, nearest, learned, losses
 
 
-@pytest.mark.parametrize("granularity", ["layer", "block"])
-def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity):
-    fp, calibration, nearest, learned, losses = _nearest_then_reconstructed(granularity)
+@pytest.mark.parametrize(
+    "granularity, scales",
+    [("layer", {}), ("block", {}),
+     ("block", {"a_scale": "dynamic", "a_granularity": "per_sample"})],  # LCQ
+)  # fmt: skip
+def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity, scales):
+    fp, calibration, nearest, learned, losses = _nearest_then_reconstructed(granularity, **scales)
     before, after = _codes(nearest), _codes(learned)
     assert before.keys() == after.keys()
     changed = 0

@@ -206,16 +206,17 @@ def quantize_(
     calibration: dict[str, torch.Tensor] | None = None,
     *,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Quantize ``model`` in place (every selected Conv2d/Linear) and return it.
 
     ``calibration`` is the dict ``modiff calib-data`` writes (``xs``, ``ts``, ...); static
-    activation scales need it, dynamic ones do not.
+    activation scales need it, and so do reconstruction and learned step sizes, which run their
+    optimisation on ``device``.
     """
     if config.a_scale == "static" and calibration is None:
         raise ValueError("static activation scales need calibration data (modiff calib-data)")
-    learns = config.reconstruction != "none" or config.learn_act_scales
-    if learns and calibration is None:
+    if config.learns and calibration is None:
         raise ValueError("reconstruction and learned step sizes need calibration data")
     names = list(target_layers(model, config))
     if not names:
@@ -231,12 +232,12 @@ def quantize_(
         for i, part in enumerate(_parts(layer, splits[name])):
             key = name if splits[name] is None else f"{name}.part{i}"
             params[key] = make_layer_params(part, config, stats.get(key))
-    fp_model = copy.deepcopy(model).eval() if learns else None
+    fp_model = copy.deepcopy(model).eval() if config.learns else None
     apply_params(model, config, params, splits)
-    if learns:
+    if config.learns:
         from modiff.quant.reconstruction import reconstruct_
 
-        reconstruct_(model, fp_model, config, calibration, seed=seed)
+        reconstruct_(model, fp_model, config, calibration, seed=seed, device=device)
     return model
 
 

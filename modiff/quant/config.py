@@ -99,13 +99,17 @@ class QuantConfig:
         return "qdiff" if self.modulation == "none" else "modiff"
 
     @property
+    def learns(self) -> bool:
+        """Whether calibration optimises on calibration data (reconstruction, learned scales)."""
+        return self.reconstruction != "none" or self.learn_act_scales
+
+    @property
     def recipe(self) -> str:
         """How the quantization parameters are found, in words (recorded with them)."""
         rounding = {"none": "nearest rounding", "layer": "AdaRound per layer",
                     "block": "AdaRound per block (BRECQ)"}[self.reconstruction]  # fmt: skip
         steps = ", learned step sizes (LSQ)" if self.learn_act_scales else ""
-        learned = self.reconstruction != "none" or self.learn_act_scales
-        iters = f" ({self.reconstruction_iters} iterations per unit)" if learned else ""
+        iters = f" ({self.reconstruction_iters} iterations per unit)" if self.learns else ""
         return f"MSE scale search, {rounding}{steps}{iters}"
 
     def to_dict(self) -> dict[str, Any]:

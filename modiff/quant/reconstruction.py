@@ -142,8 +142,12 @@ def reconstruct_(
     config: QuantConfig,
     calibration: dict[str, torch.Tensor],
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[str, tuple[float, float]]:
     """Optimise the quantized ``model`` against ``fp_model``, unit by unit in model order.
+
+    The units' inputs and targets are captured where the models are (native layers: the CPU);
+    the optimisation, nearly all of the work, runs on ``device`` (e.g. CUDA).
 
     Returns each unit's output mse on its cached inputs before and after, by unit name (and
     ``<name>:residual`` for MoDiff's residual step sizes).
@@ -174,7 +178,7 @@ def reconstruct_(
             losses[key] = _reconstruct_unit(
                 model, fp_model, name, inputs, config.reconstruction_iters, rounding=rounding,
                 scales=scales, residual=kind == "residual", quantized_inputs=not modulated,
-                batches=batches,
+                batches=batches, device=torch.device(device),
             )  # fmt: skip
             log.info("%s: output mse %.4g before, %.4g after", key, *losses[key])
     return losses
@@ -251,17 +255,21 @@ def _swap(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]
 
 
 def _reconstruct_unit(model, fp_model, name, inputs, iters, *, rounding, scales, residual,
-                      quantized_inputs, batches) -> tuple[float, float]:  # fmt: skip
+                      quantized_inputs, batches, device) -> tuple[float, float]:  # fmt: skip
     fp_unit = fp_model.get_submodule(name)
     unit = model.get_submodule(name)
     source = model if quantized_inputs else fp_model  # BRECQ's asym: quantized inputs
     args = _capture(source, name, inputs["xs"], inputs["ts"], "inputs")
     prev = _capture(fp_model, name, inputs["xs_prev"], inputs["ts_prev"], "inputs") \
         if residual else None  # fmt: skip
-    target = _capture(fp_model, name, inputs["xs"], inputs["ts"], "output")
+    target = _capture(fp_model, name, inputs["xs"], inputs["ts"], "output").to(device)
+    args = tuple(a.to(device) for a in args)
+    prev = None if prev is None else tuple(p.to(device) for p in prev)
     learned = _learned_layers(unit, fp_unit, rounding, scales)
     runner = learned.get("", unit)
     originals = _swap(unit, learned)
+    home = next(iter(learned.values())).w_scale.device
+    runner.to(device)  # only float modules now: the quantized layers are swapped out
     for m in learned.values():
         m.quantize_inputs = quantized_inputs or residual
 
@@ -296,6 +304,7 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, rounding, scales,
     after = loss_on_all()
     for m in learned.values():
         m.commit()
+    runner.to(home)
     _swap(unit, originals)
     return before, after
 
