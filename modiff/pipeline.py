@@ -115,9 +115,10 @@ STAGES: dict[str, Stage] = {
         "--variant {variant} --out {output.qparams}",  # reads {input.calib} unless fp32
         inputs={"calib": CALIBRATION, "ckpt": CHECKPOINT},
         outputs={"qparams": "data/quant/{variant}.pt"},
-        settings=("variants.{variant}", "quant", *CALIBRATION_SETTINGS),
+        # device: where reconstruction optimises (its floats, hence its codes, differ by device)
+        settings=("variants.{variant}", "quant", "device", *CALIBRATION_SETTINGS),
         foreach="variants",
-        quantized_only=("calib", "ckpt", "quant", *CALIBRATION_SETTINGS),
+        quantized_only=("calib", "ckpt", "quant", "device", *CALIBRATION_SETTINGS),
     ),
     "sample": Stage(
         "sample",
