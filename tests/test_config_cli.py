@@ -192,17 +192,24 @@ def test_a_broken_samples_file_is_one_clear_line(params_file, tmp_path, capsys, 
     assert "modiff merge" in err and not list(tmp_path.glob("out*"))
 
 
-def test_a_checkpoint_changed_after_fetching_is_refused_at_load(params_file, tmp_path, capsys,
-                                                                 monkeypatch):  # fmt: skip
+@pytest.fixture
+def fetched_checkpoint(tmp_path, monkeypatch) -> Path:
+    """The digits checkpoint where `modiff fetch` leaves it, in a fresh working directory."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "data/checkpoints/digits.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(ROOT / "data/pretrained/digits_ddim.pt", ckpt)
+    return ckpt
+
+
+def test_a_checkpoint_changed_after_fetching_is_refused_at_load(params_file, capsys,
+                                                                 fetched_checkpoint):  # fmt: skip
     """The fetched file is trusted only while its digest matches params.yaml's: sampling, and
     the benchmark, verify it at every load."""
     from modiff import bench
     from modiff.fetch import ChecksumError
 
-    monkeypatch.chdir(tmp_path)
-    ckpt = tmp_path / "data/checkpoints/digits.ckpt"  # as `modiff fetch` leaves it
-    ckpt.parent.mkdir(parents=True)
-    shutil.copy(ROOT / "data/pretrained/digits_ddim.pt", ckpt)
+    ckpt = fetched_checkpoint
     short = ["-S", "presets.digits.sampling.steps=4", "-S", "presets.digits.calibration.cali_st=2"]
     sample = ["sample", "--params", str(params_file), "--out", "s.npz", "--n", "2", *short]
     assert main(sample) == 0  # the file as fetched loads
@@ -283,3 +290,18 @@ def test_a_config_that_selects_no_layer_is_an_error():
     model = nn.Sequential(nn.Conv2d(1, 2, 3))
     with pytest.raises(ValueError, match="selects no Conv2d/Linear layer"):
         quantize_(model, QuantConfig(a_scale="dynamic", include=("nothing.*",)))
+
+
+def test_a_dynamic_variant_that_learns_reads_the_calibration_data(params_file, capsys,
+                                                                  fetched_checkpoint):  # fmt: skip
+    # LCQ scales need no calibration data, but LCQ with reconstruction learns from it.
+    lcq = "{method: qdiff, a_scale: dynamic, a_granularity: per_sample, w_bits: 4, a_bits: 4}"
+    for name, entry, code in [
+        ("qdiff-lcq-w4a4", lcq, 0),
+        ("qdiff-lcq-w4a4-brecq", lcq[:-1] + ", reconstruction: block}", 2),
+    ]:
+        args = ["calibrate", "--params", str(params_file), "-S", f"variants.{name}={entry}",
+                "--variant", name, "--calib", "missing.pt", "--out", f"{name}.pt"]  # fmt: skip
+        assert main(args) == code, name
+    assert "missing.pt not found; run `modiff calib-data`" in capsys.readouterr().err
+    assert not Path("qdiff-lcq-w4a4-brecq.pt").exists()
