@@ -76,14 +76,18 @@ def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity
     assert err["learned"] < err["nearest"], err
 
 
-def test_block_units_are_residual_and_attention_blocks_and_outer_layers():
-    fp = _model()
-    model = quantize_(copy.deepcopy(fp), _config(), _calibration())
-    units = reconstruction_units(model, "block")
+def test_block_units_are_residual_and_attention_blocks_and_outer_layers_in_run_order():
+    fp, calibration = _model(), _calibration()
+    model = quantize_(copy.deepcopy(fp), _config(), calibration)
+    example = calibration["xs"][:1], calibration["ts"][:1]
+    units = reconstruction_units(model, "block", *example)
     kinds = {type(model.get_submodule(u)).__name__ for u in units}
     assert kinds == {"ResnetBlock", "AttnBlock", "QuantLayer"}, kinds
-    assert "conv_in" in units and "conv_out" in units
-    layers = reconstruction_units(model, "layer")
+    assert units[:3] == ["temb.dense.0", "temb.dense.1", "conv_in"] and units[-1] == "conv_out"
+    # The up path is defined top-down (up.0 is the last level to run) but runs bottom-up.
+    ups = [u for u in units if u.startswith("up.")]
+    assert ups[0].startswith("up.1.") and ups[-1].startswith("up.0."), ups
+    layers = reconstruction_units(model, "layer", *example)
     assert len(layers) > len(units) and all(
         any(layer == u or layer.startswith(u + ".") for u in units) for layer in layers
     )

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.layers import QuantLayer, SplitInputLayer
+from modiff.quant.layers import QuantLayer, SplitInputLayer, reset_caches
 from modiff.quant.quantizer import weight_grid
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def reconstruct_(
         passes.append(("weights", "layer", True))
     losses = {}
     for kind, granularity, scales in passes:
-        units = reconstruction_units(model, granularity)
+        units = reconstruction_units(model, granularity, inputs["xs"][:1], inputs["ts"][:1])
         for name in tqdm(units, desc=f"reconstruct {kind} ({granularity})", leave=False):
             key = name if kind == "weights" else f"{name}:residual"
             rounding = kind == "weights" and config.reconstruction != "none"
@@ -184,10 +184,14 @@ def reconstruct_(
     return losses
 
 
-def reconstruction_units(model: nn.Module, granularity: str) -> list[str]:
-    """Names of the modules reconstructed one at a time, in model order: quantized layers (a
-    split layer is one unit), or for ``block`` the residual and attention blocks, with the
-    layers outside any block (conv_in, conv_out, time embedding, resampling) on their own."""
+def reconstruction_units(
+    model: nn.Module, granularity: str, xs: torch.Tensor, ts: torch.Tensor
+) -> list[str]:
+    """Names of the modules reconstructed one at a time, in the order the model runs them on
+    ``(xs, ts)``: quantized layers (a split layer is one unit), or for ``block`` the residual and
+    attention blocks, with the layers outside any block (conv_in, conv_out, time embedding,
+    resampling) on their own. Run order, not definition order: the UNet defines its up path
+    top-down but runs it bottom-up, and each unit must see its predecessors already learned."""
     from modiff.models.unet import AttnBlock, ResnetBlock
 
     blocks = (ResnetBlock, AttnBlock) if granularity == "block" else ()
@@ -197,7 +201,17 @@ def reconstruction_units(model: nn.Module, granularity: str) -> list[str]:
             continue
         if isinstance(m, blocks) or isinstance(m, SplitInputLayer | QuantLayer):
             units.append(name)
-    return units
+    ran: list[str] = []
+    handles = [model.get_submodule(u).register_forward_pre_hook(
+        lambda _m, _args, u=u: ran.append(u) if u not in ran else None) for u in units]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(xs, ts)
+    finally:
+        for h in handles:
+            h.remove()
+        reset_caches(model)  # a modulated model's caches now hold this call: not a trajectory
+    return ran + [u for u in units if u not in ran]
 
 
 def _learned_layers(unit: nn.Module, fp_unit: nn.Module, rounding: bool, scales: bool) -> dict:
