@@ -26,7 +26,7 @@ setup: $(VENV)/.installed
 report: setup
 	$(BIN)/snakemake --cores $(CORES) results/report.md
 
-full-table: setup   # the paper's whole table on the digits preset (about an hour on 2 cores)
+full-table: setup   # the paper's whole table on the digits preset (about two hours on 2 cores)
 	$(BIN)/snakemake --cores $(CORES) results/report.md --configfile workflow/full_table.yaml
 
 adopt-dvc: setup   # after dvc repro/pull/checkout: Snakemake takes DVC's checked outputs as done
