@@ -245,8 +245,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     checkpoint = _checkpoint_file(preset, args.checkpoint)  # verified once, read twice
     meta = calibration_meta(params, preset, checkpoint)
     calib = args.calib or calibration_path(preset["name"])
-    needs_data = config.a_scale == "static" or config.learns
-    calibration = load_calibration(calib, meta) if needs_data else None
+    calibration = load_calibration(calib, meta) if config.needs_calibration else None
     model = _load_model(preset, str(checkpoint), "cpu")
     fingerprint = weights_fingerprint(model, list(target_layers(model, config)))
     # Reconstruction's optimisation runs on params' device (CUDA when there); the scale search

@@ -104,6 +104,11 @@ class QuantConfig:
         return self.reconstruction != "none" or self.learn_act_scales
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether calibration data is read: static scales are searched on it, learning uses it."""
+        return self.a_scale == "static" or self.learns
+
+    @property
     def recipe(self) -> str:
         """How the quantization parameters are found, in words (recorded with them)."""
         rounding = {"none": "nearest rounding", "layer": "AdaRound per layer",
