@@ -11,7 +11,7 @@ from modiff.diffusion import beta_schedule, ddim_sample
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_, reset_caches
 from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer, cache_bytes
-from modiff.quant.quantizer import quantize_weight, search_weight_scales
+from modiff.quant.quantizer import quantize_weight, search_weight_params
 from modiff.timesteps import timestep_sequence
 
 BACKENDS = ["native", "simulated"]
@@ -21,12 +21,12 @@ BACKEND_PARAMS = [pytest.param("native", marks=pytest.mark.native), "simulated"]
 def _layer(modulation, backend, a_bits=8, scale=None, warmup="fp", kernel=3, bias=True, seed=0):
     torch.manual_seed(seed)
     conv = nn.Conv2d(4, 6, kernel, padding=kernel // 2, bias=bias)
-    w_scale = search_weight_scales(conv.weight, 8)
+    w_scale, w_zp = search_weight_params(conv.weight, 8)
     static = scale is not None
     config = QuantConfig(a_bits=a_bits, a_scale="static" if static else "dynamic", backend=backend,
                          modulation=modulation, warmup=warmup)  # fmt: skip
     params = LayerParams(
-        weight_codes=quantize_weight(conv.weight.detach(), w_scale, 8),
+        weight_codes=quantize_weight(conv.weight.detach(), w_scale, w_zp, 8),
         weight_scale=w_scale,
         bias=conv.bias.detach() if bias else None,
         act_scale=torch.tensor(scale) if static else None,

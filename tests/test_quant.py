@@ -21,8 +21,9 @@ from modiff.quant.quantizer import (
     act_grid,
     fake_quantize,
     quantize_weight,
-    search_weight_scales,
+    search_weight_params,
     symmetric_scale,
+    weight_code_range,
     weight_grid,
 )
 
@@ -41,34 +42,66 @@ def test_per_tensor_matches_torch_reference(bits, symmetric):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_per_channel_weights_match_torch_reference(bits):
+@pytest.mark.parametrize("bits, symmetric", [(2, True), (4, True), (8, True), (2, False),
+                                             (4, False), (7, False)])  # fmt: skip
+def test_per_channel_weights_match_torch_reference(bits, symmetric):
     torch.manual_seed(0)
-    w = torch.randn(16, 3, 3, 3)
-    scale = search_weight_scales(w, bits)
-    qmin, qmax = weight_grid(bits)
-    ref = torch.fake_quantize_per_channel_affine(
-        w, scale, torch.zeros(16, dtype=torch.int32), 0, qmin, qmax
-    )
-    codes = quantize_weight(w, scale, bits)
+    w = torch.randn(16, 3, 3, 3) + torch.linspace(-1, 1, 16)[:, None, None, None]  # skewed rows
+    scale, zp = search_weight_params(w, bits, symmetric)
+    if symmetric:  # torch's signed grid, zero point 0
+        qmin, qmax = weight_grid(bits)
+        ref = torch.fake_quantize_per_channel_affine(
+            w, scale, torch.zeros(16, dtype=torch.int32), 0, qmin, qmax
+        )
+        assert (zp == -qmin).all()
+    else:  # torch's unsigned grid 0 .. 2^b - 1 with the zero points
+        ref = torch.fake_quantize_per_channel_affine(w, scale, zp.int(), 0, 0, 2**bits - 1)
+        assert len(set(zp.tolist())) > 1  # the skewed rows get their own zero points
+    codes = quantize_weight(w, scale, zp, bits)
     assert codes.dtype == torch.int8
-    assert int(codes.min()) >= qmin and int(codes.max()) <= qmax
+    lo, hi = weight_code_range(zp, bits)
+    flat = codes.flatten(1)
+    assert (flat.amin(1) >= lo).all() and (flat.amax(1) <= hi).all()
     assert torch.equal(codes.float() * scale[:, None, None, None], ref)
 
 
-def test_weight_search_is_no_worse_than_min_max():
+def test_eight_bit_weights_are_symmetric_whatever_the_config_says():
+    with pytest.raises(ValueError, match="8-bit weights are symmetric"):
+        search_weight_params(torch.randn(4, 8), 8, symmetric=False)
+    assert QuantConfig(w_bits=8).symmetric_weights
+    assert not QuantConfig(w_bits=4).symmetric_weights  # Q-Diffusion's asymmetric grid
+    assert QuantConfig(w_bits=4, w_symmetric=True).symmetric_weights
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False)])
+def test_weight_search_is_no_worse_than_min_max(bits, symmetric):
     torch.manual_seed(0)
     w = torch.distributions.StudentT(2.0).sample((32, 2000))  # heavy tails: clipping helps
-    for bits in (4, 8):
+    best, zp = search_weight_params(w, bits, symmetric)
+    if symmetric:
         qmin, qmax = weight_grid(bits)
-        best = search_weight_scales(w, bits)
         minmax = symmetric_scale(w.abs().amax(1), qmin, qmax)
-        zero = torch.zeros(())
-        # The search objective: L_p error with Q-Diffusion's p = 2.4.
-        err_best = (fake_quantize(w, best[:, None], zero, qmin, qmax) - w).abs().pow(2.4).sum(1)
-        err_mm = (fake_quantize(w, minmax[:, None], zero, qmin, qmax) - w).abs().pow(2.4).sum(1)
-        assert (err_best <= err_mm * 1.0001).all()
-        assert (best < minmax).float().mean() > 0.5
+    else:
+        minmax = (w.amax(1) - w.amin(1)) / (2**bits - 1)
+    zp_mm = torch.round(-w.amin(1) / minmax).long() if not symmetric else zp
+
+    # The search objective: L_p error with Q-Diffusion's p = 2.4.
+    def error(scale, z):
+        codes = quantize_weight(w, scale, z, bits).float()
+        return (codes * scale[:, None] - w).abs().pow(2.4).sum(1)
+
+    assert (error(best, zp) <= error(minmax, zp_mm) * 1.0001).all()
+    assert (best < minmax).float().mean() > 0.5
+
+
+def test_asymmetric_weights_fit_skewed_channels_better_than_symmetric():
+    torch.manual_seed(0)
+    w = torch.distributions.Exponential(1.0).sample((32, 288)) - 0.3  # mostly positive rows
+    errors = {}
+    for symmetric in (True, False):
+        scale, zp = search_weight_params(w, 4, symmetric)
+        errors[symmetric] = (quantize_weight(w, scale, zp, 4).float() * scale[:, None] - w).pow(2)
+    assert errors[False].sum() < 0.8 * errors[True].sum(), {k: v.sum() for k, v in errors.items()}
 
 
 def _calibration(model, n=32, seed=0):

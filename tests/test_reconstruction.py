@@ -11,6 +11,7 @@ from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_
 from modiff.quant.api import load_quantized, save_quant_params, target_layers, weights_fingerprint
 from modiff.quant.layers import QuantLayer
+from modiff.quant.quantizer import weight_code_range
 from modiff.quant.reconstruction import reconstruct_, reconstruction_units
 
 ITERS = 150
@@ -64,6 +65,10 @@ def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity
         step = (after[name].int() - before[name].int()).abs()
         assert step.max() <= 1, name  # up or down from the floor: at most one step from nearest
         changed += int(step.sum())
+        layer = learned.get_submodule(name)  # and on the channel's own (asymmetric) grid
+        lo, hi = weight_code_range(layer.weight_zero_point, layer.config.w_bits)
+        codes = after[name].flatten(1).int()
+        assert (codes.amin(1) >= lo).all() and (codes.amax(1) <= hi).all(), name
     assert changed > 0  # the rounding was learned, not left as it was
     assert all(a <= b * 1.001 for b, a in losses.values()), losses
     assert sum(a for _, a in losses.values()) < sum(b for b, _ in losses.values()), losses
@@ -108,6 +113,22 @@ def test_learned_step_sizes_lower_the_loss_of_plain_and_modiff_layers():
         assert moved
 
 
+def test_the_rounding_is_learned_first_then_the_step_sizes_with_the_codes_fixed():
+    """Q-Diffusion's order: a run that also learns step sizes ends with the same codes as one
+    that learns only the rounding (same seed), and with other scales."""
+    fp, calibration = _model(), _calibration()
+    runs = {}
+    for learn in (False, True):
+        config = _config(a_bits=4, reconstruction="block", reconstruction_iters=60,
+                         learn_act_scales=learn)  # fmt: skip
+        model = quantize_(copy.deepcopy(fp), config, calibration)
+        scales = [float(m.act_scale) for m in model.modules() if isinstance(m, QuantLayer)]
+        runs[learn] = _codes(model), scales
+    for name, codes in runs[False][0].items():
+        assert torch.equal(codes, runs[True][0][name]), name
+    assert runs[False][1] != runs[True][1]
+
+
 def test_learned_codes_and_scales_are_saved_and_loaded_without_relearning(tmp_path):
     fp, calibration = _model(), _calibration()
     config = _config(reconstruction="layer", learn_act_scales=True, reconstruction_iters=40)
@@ -123,6 +144,8 @@ def test_learned_codes_and_scales_are_saved_and_loaded_without_relearning(tmp_pa
     assert loaded_config == config
     for (name, a), b in zip(_codes(model).items(), _codes(loaded).values(), strict=True):
         assert torch.equal(a, b), name
+        zero_points = (m.get_submodule(name).weight_zero_point for m in (model, loaded))
+        assert torch.equal(*zero_points), name
     with torch.no_grad():
         x, t = calibration["xs"][:4], calibration["ts"][:4]
         torch.testing.assert_close(loaded(x, t), model(x, t), rtol=0, atol=0)

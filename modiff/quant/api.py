@@ -1,9 +1,11 @@
 """``quantize_(model, config, calibration)``: swap every selected Conv2d/Linear for a quantized one.
 
 Method (Q-Diffusion's calibration):
-- weights: symmetric, per output channel, scale by an L_p (p = 2.4) search over 80 clipping
-  ranges ``max|w| (1 - 0.01 i)``, nearest rounding; with ``config.reconstruction`` the rounding
-  is then learned (AdaRound per layer or per block, :mod:`modiff.quant.reconstruction`);
+- weights: per output channel, asymmetric as in Q-Diffusion (``config.symmetric_weights``):
+  scale and zero point by an L_p (p = 2.4) search over 80 clipping ranges
+  ``[min w, max w] (1 - 0.01 i)`` (symmetric: ``max|w| (1 - 0.01 i)``), nearest rounding; with
+  ``config.reconstruction`` the rounding is then learned (AdaRound per layer or per block,
+  :mod:`modiff.quant.reconstruction`);
 - static activations: one scale per layer input, chosen from the same 80 clipping ranges of the
   input's max |a| by the least L_p error of the quantised input over the calibration data
   (a bounded random subsample of each layer's inputs; the max is exact), with
@@ -33,7 +35,7 @@ from modiff.quant.quantizer import (
     fake_quantize,
     lp_error,
     quantize_weight,
-    search_weight_scales,
+    search_weight_params,
     symmetric_scale,
 )
 
@@ -243,13 +245,14 @@ def quantize_(
 
 def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
     w = layer.weight.detach().cpu()
-    w_scale = search_weight_scales(w, config.w_bits)
+    w_scale, w_zp = search_weight_params(w, config.w_bits, config.symmetric_weights)
     act_scale = act_zp = None
     if config.a_scale == "static":
         act_scale, act_zp = search_act_params(stats, config.a_bits, config.a_symmetric)
     return LayerParams(
-        weight_codes=quantize_weight(w, w_scale, config.w_bits),
+        weight_codes=quantize_weight(w, w_scale, w_zp, config.w_bits),
         weight_scale=w_scale,
+        weight_zero_point=w_zp,
         bias=None if layer.bias is None else layer.bias.detach().cpu().float(),
         act_scale=act_scale,
         act_zero_point=act_zp,
@@ -287,7 +290,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 # --- saved quantization parameters -------------------------------------------------------------
 
-PARAMS_FORMAT = "modiff-qparams-v2"  # v2: the weight codes are saved
+PARAMS_FORMAT = "modiff-qparams-v3"  # v2: the weight codes are saved; v3: their zero points
 
 
 def weights_fingerprint(model: nn.Module, names: list[str]) -> str:
@@ -334,7 +337,8 @@ def save_quant_params(
 
 def _layer_state(m: QuantLayer) -> dict[str, Any]:
     # The codes too: learned rounding (AdaRound) is not nearest rounding of the weights.
-    state = {"weight_codes": m.weight_codes.clone(), "weight_scale": m.weight_scale.clone()}
+    state = {"weight_codes": m.weight_codes.clone(), "weight_scale": m.weight_scale.clone(),
+             "weight_zero_point": m.weight_zero_point.clone()}  # fmt: skip
     if m.act_scale is not None:
         state["act_scale"] = m.act_scale.clone()
         state["act_zero_point"] = m.act_zero_point.clone()
@@ -379,6 +383,7 @@ def load_quantized(
             params[key] = LayerParams(
                 weight_codes=st["weight_codes"],
                 weight_scale=st["weight_scale"],
+                weight_zero_point=st["weight_zero_point"],
                 bias=None if part.bias is None else part.bias.detach().cpu().float(),
                 act_scale=st.get("act_scale"),
                 act_zero_point=st.get("act_zero_point"),

@@ -23,6 +23,9 @@ class QuantConfig:
     - ``a_scale``: ``static`` (one scale per layer input, searched on calibration data) or
       ``dynamic`` (computed from each tensor at run time).
     - ``a_granularity``: ``per_tensor``, or ``per_sample`` (dynamic only: one scale per image).
+    - ``w_symmetric``: weights per output channel on a symmetric grid, or (``False``, as
+      Q-Diffusion and MoDiff do) on an asymmetric one with a zero point per channel. 8-bit weights
+      are symmetric either way (:attr:`symmetric_weights`).
     - ``backend``: ``native`` (oneDNN integer kernels, CPU) or ``simulated`` (fake quantization
       in float, any device; the reference for ``native``).
     - ``include``/``exclude``: fnmatch patterns over module names; by default every Conv2d and
@@ -47,6 +50,7 @@ class QuantConfig:
     backend: str = "native"
     a_granularity: str = "per_tensor"
     a_symmetric: bool = True
+    w_symmetric: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     split_shortcut: bool = True
@@ -92,6 +96,12 @@ class QuantConfig:
         """Whether the layer called ``name`` is quantized."""
         inc = any(fnmatch.fnmatchcase(name, p) for p in self.include)
         return inc and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    @property
+    def symmetric_weights(self) -> bool:
+        """Whether the weight grid is symmetric: as ``w_symmetric`` says below 8 bits; at 8 bits
+        always, since asymmetric codes minus their zero point would not fit int8."""
+        return self.w_symmetric or self.w_bits == 8
 
     @property
     def method(self) -> str:

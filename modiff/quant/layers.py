@@ -1,10 +1,10 @@
 """Quantized conv/linear layers: native (integer kernels) or simulated (fake quantization).
 
 A layer's quantization state is explicit tensors handed to its constructor: int8 weight codes,
-per-output-channel weight scales, the float bias, and, for static activations, the activation
-scale and zero point. Derived forms (the packed weight for the kernels, the dequantised weight
-for simulation, the static scale as a number) are built from them in the constructor and again
-after every ``load_state_dict``, so they cannot go stale.
+per-output-channel weight scales and zero points (the codes' grid), the float bias, and, for
+static activations, the activation scale and zero point. Derived forms (the packed weight for
+the kernels, the dequantised weight for simulation, the static scale as a number) are built from
+them in the constructor and again after every ``load_state_dict``, so they cannot go stale.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class LayerParams:
     bias: torch.Tensor | None  # float32 (out_channels,)
     act_scale: torch.Tensor | None  # float32 () for static activations, else None
     act_zero_point: torch.Tensor | None  # int64 ()
+    # int64 (out_channels,): the weight grid is codes -z .. 2^b - 1 - z (None: the symmetric one)
+    weight_zero_point: torch.Tensor | None = None
 
 
 class QuantLayer(nn.Module):
@@ -54,6 +56,10 @@ class QuantLayer(nn.Module):
                 raise ValueError("only zero-padded convs with explicit padding are supported")
         self.register_buffer("weight_codes", params.weight_codes.to(torch.int8))
         self.register_buffer("weight_scale", params.weight_scale.float())
+        w_zp = params.weight_zero_point
+        if w_zp is None:  # symmetric: -2^(b-1) .. 2^(b-1) - 1
+            w_zp = torch.full_like(self.weight_scale, 2 ** (config.w_bits - 1), dtype=torch.long)
+        self.register_buffer("weight_zero_point", w_zp.long())  # the grid; the kernels take q - z
         self.register_buffer("bias", None if params.bias is None else params.bias.float())
         static = config.a_scale == "static"
         if static and params.act_scale is None:

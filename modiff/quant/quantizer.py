@@ -9,7 +9,11 @@ Grids, for ``bits`` b:
 - symmetric activations: codes ``128 - 2^(b-1) .. 128 + 2^(b-1) - 1`` of uint8, zero point 128
   (the uint8 kernels need quint8 inputs; symmetric means zero point 128);
 - asymmetric activations: codes ``0 .. 2^b - 1``, zero point from the clipping range;
-- weights: symmetric int8 codes ``-2^(b-1) .. 2^(b-1) - 1``, one scale per output channel.
+- weights, one scale per output channel: symmetric, codes ``-2^(b-1) .. 2^(b-1) - 1``; or
+  Q-Diffusion's asymmetric grid, ``2^b`` levels over the channel's clipped ``[min, max]`` with a
+  zero point ``z``. Either way the codes are stored as int8 values ``q - z`` (so the symmetric grid
+  is the asymmetric one with ``z = 2^(b-1)``): the kernels take them as zero-point-free weights.
+  At 8 bits ``q - z`` can leave int8, so 8-bit weights are symmetric.
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ def act_grid(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def weight_grid(bits: int) -> tuple[int, int]:
-    """(qmin, qmax) of int8 weight codes."""
+    """(qmin, qmax) of symmetric int8 weight codes."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def weight_code_range(zero_point: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (lowest, highest) stored code ``q - z`` of a grid with zero points ``z``."""
+    return -zero_point, 2**bits - 1 - zero_point
 
 
 def quantize(
@@ -75,28 +84,48 @@ def lp_error(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...] | None = No
     return err.sum() if dims is None else err.sum(dim=dims)
 
 
-def search_weight_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric scales minimising the L_p error of the quantised weights.
+def search_weight_params(
+    w: torch.Tensor, bits: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel scales and zero points minimising the L_p error of the quantised weights.
 
-    Candidates: ``max|w| * (1 - 0.01 i)`` for i in 0..79 (Q-Diffusion's MSE search grid).
+    Candidates (Q-Diffusion's MSE search grid), for i in 0..79: symmetric, the range
+    ``max|w| (1 - 0.01 i)``; asymmetric, ``[min w, max w] (1 - 0.01 i)`` (widened to hold 0).
+    Zero points are int64, in stored-code terms (codes ``-z .. 2^b - 1 - z``).
     """
-    qmin, qmax = weight_grid(bits)
+    if not symmetric and bits == 8:
+        raise ValueError("8-bit weights are symmetric: asymmetric codes minus their zero point "
+                         "do not fit int8")  # fmt: skip
     flat = w.detach().reshape(w.shape[0], -1).float()
-    absmax = flat.abs().amax(dim=1)
-    best_scale = symmetric_scale(absmax, qmin, qmax)
-    best_err = torch.full_like(absmax, float("inf"))
-    zero = torch.zeros(())
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    best_scale = best_zp = None
+    best_err = torch.full_like(lo, float("inf"))
     for i in range(SEARCH_STEPS):
-        scale = symmetric_scale(absmax * (1 - SEARCH_SHRINK * i), qmin, qmax)
-        err = lp_error(fake_quantize(flat, scale[:, None], zero, qmin, qmax), flat, dims=(1,))
+        shrink = 1 - SEARCH_SHRINK * i
+        scale, zp = _weight_candidate(lo * shrink, hi * shrink, bits, symmetric)
+        codes = quantize_weight(flat, scale, zp, bits).float()
+        err = lp_error(codes * scale[:, None], flat, dims=(1,))
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-    return best_scale
+        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        best_zp = zp if best_zp is None else torch.where(better, zp, best_zp)
+    return best_scale, best_zp
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 codes of ``w`` with per-output-channel ``scale``."""
-    qmin, qmax = weight_grid(bits)
+def _weight_candidate(lo, hi, bits, symmetric) -> tuple[torch.Tensor, torch.Tensor]:
+    if symmetric:
+        qmin, qmax = weight_grid(bits)
+        scale = symmetric_scale(torch.maximum(-lo, hi), qmin, qmax)
+        return scale, torch.full_like(scale, -qmin, dtype=torch.long)
+    scale, zp = asymmetric_params(lo, hi, 0, 2**bits - 1)
+    return scale, zp.long()
+
+
+def quantize_weight(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Stored int8 codes ``q - z`` of ``w`` with per-output-channel ``scale`` and ``zero_point``."""
     shape = (-1,) + (1,) * (w.dim() - 1)
-    return quantize(w.float(), scale.reshape(shape), torch.zeros(()), qmin, qmax).to(torch.int8)
+    lo, hi = weight_code_range(zero_point.reshape(shape), bits)
+    codes = torch.clamp(torch.round(w.float() * (1.0 / scale.reshape(shape))), lo, hi)
+    return codes.to(torch.int8)
