@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 
 from modiff.models import build_model
-from modiff.quant import QuantConfig, quantize_
+from modiff.quant import QuantConfig, quantize_, reconstruction
 from modiff.quant.api import load_quantized, save_quant_params, target_layers, weights_fingerprint
 from modiff.quant.layers import QuantLayer
 from modiff.quant.quantizer import weight_code_range
@@ -54,7 +54,8 @@ def _nearest_then_reconstructed(granularity, **kw):
 @pytest.mark.parametrize(
     "granularity, scales",
     [("layer", {}), ("block", {}),
-     ("block", {"a_scale": "dynamic", "a_granularity": "per_sample"})],  # LCQ
+     ("block", {"a_scale": "dynamic", "a_granularity": "per_sample"}),  # LCQ
+     ("block", {"modulation": "compensated"})],  # MoDiff
 )  # fmt: skip
 def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity, scales):
     fp, calibration, nearest, learned, losses = _nearest_then_reconstructed(granularity, **scales)
@@ -79,6 +80,49 @@ def test_adaround_stays_within_a_step_of_nearest_and_lowers_the_loss(granularity
         err = {m: (model(calibration["xs"], calibration["ts"]) - ref).pow(2).mean().item()
                for m, model in (("nearest", nearest), ("learned", learned))}  # fmt: skip
     assert err["learned"] < err["nearest"], err
+
+
+def test_adaround_decides_every_rounding_within_its_iterations(monkeypatch, caplog):
+    """At the rate BRECQ sets for 20,000 iterations, a short run cannot move V far enough for
+    h(V) to reach 0 or 1, hard rounding then discards what was learned and a warning says so;
+    the rate scaled to the iterations decides every rounding."""
+    fp, calibration = _model(), _calibration()
+    nearest = quantize_(copy.deepcopy(fp), _config(), calibration)
+    undecided = {}
+    for rate in ("scaled", "brecq"):
+        if rate == "brecq":
+            monkeypatch.setattr(reconstruction, "rounding_rate", lambda iters: 1e-3)
+        record = []
+
+        def commit(self, record=record, commit=reconstruction.LearnedLayer.commit):
+            record.append(self.undecided())  # before the rounding is made hard
+            commit(self)
+
+        monkeypatch.setattr(reconstruction.LearnedLayer, "commit", commit)
+        caplog.clear()
+        reconstruct_(copy.deepcopy(nearest), fp, _config(reconstruction="layer"), calibration)
+        monkeypatch.undo()
+        undecided[rate] = sum(u for u, _ in record) / sum(n for _, n in record)
+        warned = [r for r in caplog.records if "raise reconstruction_iters" in r.getMessage()]
+        assert bool(warned) == (rate == "brecq"), (rate, undecided)
+    assert undecided["scaled"] < 0.01 < 0.2 < undecided["brecq"], undecided
+    assert reconstruction.rounding_rate(20_000) == reconstruction.rounding_rate(40_000) == 1e-3
+    assert reconstruction.rounding_rate(2_000) == pytest.approx(1e-2)
+
+
+def test_modulated_units_learn_on_the_quantized_models_inputs_at_a_warm_up_step():
+    """Under MoDiff a unit's inputs carry the earlier units' weight error, with activations as
+    exact as at a warm-up step: every captured batch starts from empty caches (300 inputs: two
+    batches of different sizes, which a continued trajectory would refuse)."""
+    from modiff.quant.reconstruction import _capture
+
+    fp, calibration = _model(), _calibration(n=300)
+    xs, ts = calibration["xs"], calibration["ts"]
+    model = quantize_(copy.deepcopy(fp), _config(modulation="compensated"), calibration)
+    got = _capture(model, "conv_out", xs, ts, "inputs")[0]
+    assert torch.equal(got, _capture(model, "conv_out", xs, ts, "inputs")[0])
+    assert not torch.allclose(got, _capture(fp, "conv_out", xs, ts, "inputs")[0], atol=1e-4)
+    assert all(m.a_hat is None for m in model.modules() if isinstance(m, QuantLayer))
 
 
 def test_block_units_are_residual_and_attention_blocks_and_outer_layers_in_run_order():

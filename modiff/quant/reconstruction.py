@@ -14,9 +14,11 @@ model's (BRECQ's "asym" mode: inputs from the already-quantized model, targets f
   residual against the previous step's input; its scale is learned on the calibration pairs
   (x_prev, x_t) with the loss on the layer output.
 
-The numbers are BRECQ's and Q-Diffusion's defaults: batch 32, Adam 1e-3 on V (MSE loss),
-lambda 0.01, warm-up 20%; step sizes with weights fixed, Adam 4e-5 (MoDiff's residuals: 4e-4)
-with a cosine schedule, L_p loss with p = 2.4.
+The numbers are BRECQ's and Q-Diffusion's defaults: batch 32, MSE loss on V, lambda 0.01,
+warm-up 20%; step sizes with weights fixed, Adam 4e-5 (MoDiff's residuals: 4e-4) with a cosine
+schedule, L_p loss with p = 2.4; losses summed over channels and averaged over samples and
+positions, as BRECQ's. Adam's rate on V is BRECQ's 1e-3 at its 20,000 iterations and scaled up
+at fewer (see :func:`rounding_rate`).
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ REG_WEIGHT = 0.01
 B_START, B_END = 20.0, 2.0
 WARMUP = 0.2
 BATCH = 32
-# Adam's rate per pass: BRECQ's on the rounding, Q-Diffusion's on step sizes, MoDiff's (its
-# official code's default) on residual step sizes
-LEARNING_RATES = {"weights": 1e-3, "scales": 4e-5, "residual": 4e-4}
+# Adam's rate per pass: Q-Diffusion's on step sizes, MoDiff's (its official code's default) on
+# residual step sizes; the rounding's is rounding_rate(iters)
+LEARNING_RATES = {"scales": 4e-5, "residual": 4e-4}
+BRECQ_RATE, BRECQ_ITERS = 1e-3, 20_000
 MAX_INPUTS = 1024  # calibration inputs cached per unit (all of them if fewer)
+
+
+def rounding_rate(iters: int) -> float:
+    """Adam's rate on the rounding variables V: BRECQ's 1e-3 at its 20,000 iterations or more,
+    and as much larger at fewer as keeps the distance V can travel (rate x iterations). Adam moves
+    V by at most about the rate per step, and V must travel about 2.4 from the fractional start
+    for h(V) to reach 0 or 1: at 2,000 iterations and 1e-3, a quarter to a half of the digits
+    model's first units' rounding stayed undecided and hard rounding doubled their loss
+    (measured), none at 1e-2."""
+    return BRECQ_RATE * max(1.0, BRECQ_ITERS / max(1, iters))
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -104,6 +117,14 @@ class LearnedLayer(nn.Module):
         up = (h >= 0.5).float() if self.hard else h
         return torch.clamp(self.w_floor + up, self.w_qmin, self.w_qmax)
 
+    def undecided(self) -> tuple[int, int]:
+        """How many rounding variables are still between down and up (h(V) more than 0.01 from
+        0 and 1), of how many: hard rounding discards what those learned."""
+        if self.rounding is None:
+            return 0, 0
+        h = rectified_sigmoid(self.rounding.detach())
+        return int(((h > 0.01) & (h < 0.99)).sum()), h.numel()
+
     def regulariser(self, b: float) -> torch.Tensor:
         if self.rounding is None:
             return torch.zeros(())
@@ -153,14 +174,16 @@ def reconstruct_(
     The units' inputs and targets are captured where the models are (native layers: the CPU);
     the optimisation, nearly all of the work, runs on ``device`` (e.g. CUDA).
 
-    Returns each unit's output mse on its cached inputs before and after, by unit name (and
-    ``<name>:residual`` for MoDiff's residual step sizes).
+    Returns each unit's output mse on its cached inputs before and after, by unit name for the
+    rounding, ``<name>:scales`` for learned step sizes and ``<name>:residual`` for MoDiff's
+    residual step sizes.
 
     Q-Diffusion's order: the rounding first, then, with ``learn_act_scales``, the step sizes with
     the learned codes fixed (per unit again). Activations are quantized inside the unit in both
     passes: on the digits model, rounding learned on float activations (Q-Diffusion's first pass)
     gave W4A8 FID 5.37 against 3.00 with them quantized. Under MoDiff's modulation the weights
-    are reconstructed on FP inputs and the step sizes are the residuals', learned per layer on
+    are reconstructed on float activations (modulation nearly makes them exact) carrying the
+    earlier units' weight error, and the step sizes are the residuals', learned per layer on
     the calibration pairs.
     """
     pick = torch.randperm(len(calibration["xs"]), generator=torch.Generator().manual_seed(seed))
@@ -247,12 +270,14 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
     try:
         with torch.no_grad():
             for i in range(0, len(xs), 256):
+                reset_caches(model)  # modulated layers: each batch a warm-up step
                 try:
                     model(xs[i : i + 256], ts[i : i + 256])
                 except _Stop:
                     pass
     finally:
         handle.remove()
+        reset_caches(model)  # the caches hold a capture, not a trajectory
     if what == "inputs":
         return tuple(torch.cat(parts) for parts in zip(*got, strict=True))
     return torch.cat(got)
@@ -276,7 +301,9 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
     rounding, residual = kind == "weights", kind == "residual"
     fp_unit = fp_model.get_submodule(name)
     unit = model.get_submodule(name)
-    source = model if quantized_inputs else fp_model  # BRECQ's asym: quantized inputs
+    # BRECQ's asym: inputs from the quantized model (under modulation, at a warm-up step: the
+    # earlier units' weight error, exact activations); MoDiff's residual pairs: FP inputs
+    source = fp_model if residual else model
     args = _capture(source, name, inputs["xs"], inputs["ts"], "inputs")
     prev = _capture(fp_model, name, inputs["xs_prev"], inputs["ts_prev"], "inputs") \
         if residual else None  # fmt: skip
@@ -317,6 +344,11 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
     params = [p for m in learned.values() for p in (m.rounding, m.act_scale) if p is not None]
     if iters and params:
         _optimise(learned, output, target, params, iters, batches, kind)
+    undecided, total = map(sum, zip(*(m.undecided() for m in learned.values()), strict=True))
+    if undecided > 0.01 * total:
+        log.warning("%s: %.0f%% of the rounding is undecided after %d iterations, so hard rounding "
+                    "loses what it learned: raise reconstruction_iters", name,
+                    100 * undecided / total, iters)  # fmt: skip
     _set(learned, hard=True)
     after = loss_on_all()
     for m in learned.values():
@@ -330,12 +362,12 @@ def _optimise(learned, output, target, params, iters, batches, kind) -> None:
     """Adam on the rounding variables (constant rate, MSE loss: BRECQ's) or on the step sizes
     (cosine schedule to 0, L_p loss with p = 2.4: Q-Diffusion's and MoDiff's)."""
     rounding = kind == "weights"
-    opt = torch.optim.Adam(params, lr=LEARNING_RATES[kind])
+    opt = torch.optim.Adam(params, lr=rounding_rate(iters) if rounding else LEARNING_RATES[kind])
     schedule = None if rounding else torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     for it in range(iters):
         idx = torch.randint(len(target), (min(BATCH, len(target)),), generator=batches)
-        err = (output(idx) - target[idx]).abs()
-        loss = (err.square() if rounding else err.pow(LP_NORM)).sum() / len(idx)
+        err = (output(idx) - target[idx]).abs().pow(2.0 if rounding else LP_NORM)
+        loss = err.sum(1).mean()  # BRECQ's: over channels, then samples and positions
         if rounding and it >= WARMUP * iters:
             progress = (it - WARMUP * iters) / max(1.0, (1 - WARMUP) * iters)
             b = B_END + (B_START - B_END) * (1 - progress)  # linear, 20 -> 2
