@@ -114,14 +114,13 @@ def test_modulated_units_learn_on_the_quantized_models_inputs_at_a_warm_up_step(
     """Under MoDiff a unit's inputs carry the earlier units' weight error, with activations as
     exact as at a warm-up step: every captured batch starts from empty caches (300 inputs: two
     batches of different sizes, which a continued trajectory would refuse)."""
-    from modiff.quant.reconstruction import _capture
-
+    capture = reconstruction._capture
     fp, calibration = _model(), _calibration(n=300)
     xs, ts = calibration["xs"], calibration["ts"]
     model = quantize_(copy.deepcopy(fp), _config(modulation="compensated"), calibration)
-    got = _capture(model, "conv_out", xs, ts, "inputs")[0]
-    assert torch.equal(got, _capture(model, "conv_out", xs, ts, "inputs")[0])
-    assert not torch.allclose(got, _capture(fp, "conv_out", xs, ts, "inputs")[0], atol=1e-4)
+    got = capture(model, "conv_out", xs, ts, "inputs")[0]
+    assert torch.equal(got, capture(model, "conv_out", xs, ts, "inputs")[0])
+    assert not torch.allclose(got, capture(fp, "conv_out", xs, ts, "inputs")[0], atol=1e-4)
     assert all(m.a_hat is None for m in model.modules() if isinstance(m, QuantLayer))
 
 
