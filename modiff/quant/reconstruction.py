@@ -181,7 +181,8 @@ def reconstruct_(
     Q-Diffusion's order: the rounding first, then, with ``learn_act_scales``, the step sizes with
     the learned codes fixed (per unit again). Activations are quantized inside the unit in both
     passes: on the digits model, rounding learned on float activations (Q-Diffusion's first pass)
-    gave W4A8 FID 5.37 against 3.00 with them quantized. Under MoDiff's modulation the weights
+    gave W4A8 FID 5.37 against 3.00 with them quantized (measured at the earlier fixed rate
+    1e-3, before :func:`rounding_rate`). Under MoDiff's modulation the weights
     are reconstructed on float activations (modulation nearly makes them exact) carrying the
     earlier units' weight error, and the step sizes are the residuals', learned per layer on
     the calibration pairs.
