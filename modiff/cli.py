@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_non_negative_int, default=0, help="index of the first image")
     p.add_argument("--qparams", help="quantization parameters (modiff calibrate); default FP32")
     p.add_argument("--variant", default="fp32", help="the variant's name, recorded with the images")
-    p.add_argument("--backend", choices=["native", "simulated"], help="override the file's")
+    p.add_argument("--backend", choices=["auto", "native", "openvino", "simulated"],
+                   help="override the file's")  # fmt: skip
     p.add_argument("--shard", type=_non_negative_int, help="sample shard I of sampling.shards")
 
     p = add("merge", cmd_merge, settings=False)
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--a-scale", choices=["static", "dynamic"], default="static")
-    p.add_argument("--backend", choices=["native", "simulated"], default="native")
+    p.add_argument("--backend", choices=["auto", "native", "openvino", "simulated"], default="auto")
     p.add_argument("--a-granularity", choices=["per_tensor", "per_sample"], default="per_tensor")
     p.add_argument(
         "--modulation", choices=["none", "compensated", "uncompensated"], default="none",

@@ -93,16 +93,19 @@ def resolve_execution(device: str, backend: str | None = None) -> Execution:
     """The one place that decides where models run, from params.yaml's ``device`` and a
     quantized model's ``backend`` (None for FP32).
 
-    The native backend's integer kernels are CPU kernels: on CUDA a quantized model runs the
-    simulated backend (the same quantization, in float), and every record names it so.
+    The integer backends (native, openvino) are CPU backends: on CUDA a quantized model runs the
+    simulated backend (the same quantization, in float), and every record names it so. ``auto``
+    on the CPU is resolved when the model is built (:func:`modiff.quant.api.resolve_backend`).
     """
     resolved = resolve_device(device)
-    if backend == "native" and resolved.type != "cpu":
-        log.warning(
-            "the native backend's int8 kernels run on the CPU only: on %s this model runs the "
-            "'simulated' backend (fake quantization in float); records name it so",
-            resolved,
-        )
+    if backend in ("native", "openvino", "auto") and resolved.type != "cpu":
+        if backend != "auto":  # auto chooses simulated there itself
+            log.warning(
+                "the %s backend's int8 kernels run on the CPU only: on %s this model runs the "
+                "'simulated' backend (fake quantization in float); records name it so",
+                backend,
+                resolved,
+            )
         backend = "simulated"
     execution = Execution(resolved, backend)
     log.info("running %s (device setting %r)", execution.describe(), device)

@@ -16,6 +16,7 @@ Method (Q-Diffusion's calibration):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modiff.io import atomic_output, load_tagged
+from modiff.quant import openvino
 from modiff.quant.config import QuantConfig
 from modiff.quant.layers import LayerParams, QuantLayer, SplitInputLayer
+from modiff.quant.openvino import OpenVINOModel
 from modiff.quant.quantizer import (
     SEARCH_SHRINK,
     SEARCH_STEPS,
@@ -202,6 +205,39 @@ def search_act_params(
     return best
 
 
+def resolve_backend(config: QuantConfig, device: str | torch.device = "cpu") -> str:
+    """The backend ``config`` runs on: its own, or for ``auto`` openvino where it is installed
+    and runs the variant in integer (static scales), native otherwise; on CUDA, simulated (the
+    integer backends are CPU backends). Raises where an explicit ``openvino`` cannot run."""
+    on_cpu = torch.device(device).type == "cpu"
+    if config.backend == "openvino":
+        openvino.require()
+        why = openvino.unsupported(config)
+        if why:
+            raise ValueError(f"backend 'openvino': {why}")
+        return "openvino"
+    if config.backend != "auto":
+        return config.backend
+    if not on_cpu:
+        return "simulated"
+    why = "OpenVINO is not installed" if not openvino.available() else openvino.unsupported(config)
+    if why:
+        log.info("backend auto -> native: %s", why)
+        return "native"
+    return "openvino"
+
+
+def _layer_config(config: QuantConfig, backend: str) -> QuantConfig:
+    """The config of the torch layers: openvino compiles simulated layers' parameters."""
+    return dataclasses.replace(config, backend="simulated" if backend == "openvino" else backend)
+
+
+def _finish(model: nn.Module, config: QuantConfig, backend: str) -> nn.Module:
+    if backend != "openvino":
+        return model
+    return OpenVINOModel(model, dataclasses.replace(config, backend="openvino"))
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -214,8 +250,11 @@ def quantize_(
 
     ``calibration`` is the dict ``modiff calib-data`` writes (``xs``, ``ts``, ...); static
     activation scales need it, and so do reconstruction and learned step sizes, which run their
-    optimisation on ``device``.
+    optimisation on ``device``. With backend ``openvino`` (or ``auto`` choosing it) the returned
+    module is an :class:`~modiff.quant.openvino.OpenVINOModel` around the quantized ``model``.
     """
+    backend = resolve_backend(config)  # before any work: a backend that cannot run fails now
+    final_config, config = config, _layer_config(config, backend)
     if config.a_scale == "static" and calibration is None:
         raise ValueError("static activation scales need calibration data (modiff calib-data)")
     if config.learns and calibration is None:
@@ -240,7 +279,7 @@ def quantize_(
         from modiff.quant.reconstruction import reconstruct_
 
         reconstruct_(model, fp_model, config, calibration, seed=seed, device=device)
-    return model
+    return _finish(model, final_config, backend)
 
 
 def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
@@ -319,6 +358,8 @@ def save_quant_params(
     ``model=None, config=None`` saves the FP32 reference's file: the model runs as it is.
     """
     layers: dict[str, dict[str, Any]] = {}
+    if isinstance(model, OpenVINOModel):  # its parameters are those of the torch model inside
+        model = model.model
     for name, m in model.named_modules() if model is not None else ():
         if isinstance(m, SplitInputLayer):
             layers[name] = {"split": m.split, "parts": [_layer_state(p) for p in m.parts]}
@@ -354,13 +395,16 @@ def load_quantized(
 ) -> tuple[nn.Module, QuantConfig | None]:
     """Rebuild the quantized model saved by :func:`save_quant_params` from float ``model``.
 
-    ``config_overrides`` may change how the same parameters run (e.g. ``backend``). The FP32
-    reference's file returns ``model`` unchanged and no config.
+    ``config_overrides`` may change how the same parameters run (e.g. ``backend``: a file
+    calibrated for one backend runs on any). The returned config names the backend that runs
+    (``auto`` resolved). The FP32 reference's file returns ``model`` unchanged and no config.
     """
     blob = read_quant_params(path)
     if blob["config"] is None:
         return model, None
     config = QuantConfig.from_dict({**blob["config"], **config_overrides})
+    backend = resolve_backend(config)
+    config = dataclasses.replace(config, backend=backend)
     layers = blob["layers"]
     missing = [n for n in layers if not _has_layer(model, n)]
     if missing:
@@ -388,7 +432,8 @@ def load_quantized(
                 act_scale=st.get("act_scale"),
                 act_zero_point=st.get("act_zero_point"),
             )
-    return apply_params(model, config, params, splits), config
+    apply_params(model, _layer_config(config, backend), params, splits)
+    return _finish(model, config, backend), config
 
 
 def _has_layer(model: nn.Module, name: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from modiff.quant.quantizer import check_bits
 
 A_SCALES = ("static", "dynamic")
-BACKENDS = ("native", "simulated")
+BACKENDS = ("auto", "native", "openvino", "simulated")
 A_GRANULARITIES = ("per_tensor", "per_sample")
 MODULATIONS = ("none", "compensated", "uncompensated")
 RECONSTRUCTIONS = ("none", "layer", "block")
@@ -26,8 +26,11 @@ class QuantConfig:
     - ``w_symmetric``: weights per output channel on a symmetric grid, or (``False``, as
       Q-Diffusion and MoDiff do) on an asymmetric one with a zero point per channel. 8-bit weights
       are symmetric either way (:attr:`symmetric_weights`).
-    - ``backend``: ``native`` (oneDNN integer kernels, CPU) or ``simulated`` (fake quantization
-      in float, any device; the reference for ``native``).
+    - ``backend``: ``native`` (oneDNN integer kernels, one call per layer, CPU), ``openvino``
+      (the whole model compiled as one OpenVINO graph with integer convolutions, CPU; static
+      scales), ``simulated`` (fake quantization in float, any device; the reference for both), or
+      ``auto`` (:func:`modiff.quant.api.resolve_backend`: openvino where it can run the variant,
+      else native; simulated on CUDA).
     - ``include``/``exclude``: fnmatch patterns over module names; by default every Conv2d and
       Linear is quantized (attention matmuls stay in float, as in the paper).
     - ``split_shortcut``: the up path's ``nin_shortcut`` sees cat([h, skip]); quantize the two

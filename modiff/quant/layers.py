@@ -401,18 +401,23 @@ class SplitInputLayer(nn.Module):
 
 
 def reset_caches(model: nn.Module) -> None:
-    """Clear the modulation caches of every quantized layer of ``model`` (a new trajectory)."""
+    """Clear the modulation caches of ``model`` (a new trajectory): every submodule that keeps
+    state across steps says so by a ``reset_cache()`` method (quantized layers, compiled
+    models)."""
     for m in model.modules():
-        if isinstance(m, QuantLayer):
+        if callable(getattr(m, "reset_cache", None)):
             m.reset_cache()
 
 
 def native_schemes(model: nn.Module) -> dict[str, int]:
-    """How many native layer parts of ``model`` run each kernel scheme ("direct", "split")."""
+    """How many integer layer parts of ``model`` (native or openvino) run each scheme ("direct",
+    "split")."""
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantLayer) and m.scheme is not None:
             counts[m.scheme] = counts.get(m.scheme, 0) + 1
+        for scheme, n in getattr(m, "engine_schemes", {}).items():  # backend openvino
+            counts[scheme] = counts.get(scheme, 0) + n
     return dict(sorted(counts.items()))
 
 
@@ -424,9 +429,13 @@ def kernel_record(model: nn.Module) -> dict:
     schemes = native_schemes(model)
     if schemes:
         record.update(int8_kernels=kernels.probe().describe(), schemes=schemes)
+    for m in model.modules():  # a compiled engine (backend openvino) describes itself
+        if callable(getattr(m, "engine_record", None)):
+            record.update(m.engine_record())
     return record
 
 
 def cache_bytes(model: nn.Module) -> int:
     """Bytes held by all modulation caches of ``model``."""
-    return sum(m.cache_bytes() for m in model.modules() if isinstance(m, QuantLayer))
+    holders = [m for m in model.modules() if callable(getattr(m, "cache_bytes", None))]
+    return sum(m.cache_bytes() for m in holders)
