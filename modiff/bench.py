@@ -163,12 +163,21 @@ def time_variants(
                     "fp32_layout": fp32_best.__name__.removeprefix("_"),
                 }
             )
+    for batch in settings.batch_sizes:  # against the fastest FP32 engine (torch's or a peer's)
+        at_batch = [r for r in rows if r["batch"] == batch]
+        fastest = min(r["step_ms"] for r in at_batch if _is_fp32(r["variant"]))
+        for row in at_batch:
+            row["speedup_vs_fastest_fp32"] = round(fastest / row["step_ms"], 3)
     if settings.memory:  # a fresh process per variant, at the largest batch size
         for row in rows:  # (other engines' FP32: their INT8 is the comparison that matters)
             peer_fp32 = row["variant"] != "fp32" and row["variant"].endswith("-fp32")
             if row["batch"] == max(settings.batch_sizes) and not peer_fp32:
                 row.update(peak_memory(case, variants[row["variant"]], row["batch"], settings))
     return rows
+
+
+def _is_fp32(variant: str) -> bool:
+    return variant == "fp32" or variant.endswith("-fp32")
 
 
 def _pick_fp32_layout(case: BenchCase, settings: BenchSettings) -> VariantBuilder:
@@ -334,9 +343,9 @@ class QuantizedVariant:
             model = quantize_(model, config, calibration)
             if cached is not None:
                 save_quant_params(model, self.config, fingerprint, cached)
-        if self.channels_last:
+        if self.channels_last and not callable(getattr(model, "engine_record", None)):
             return _ChannelsLast(model.to(memory_format=torch.channels_last))
-        return model
+        return model  # (a compiled engine takes its input as it is)
 
 
 # --- the benchmark of the pipeline ---------------------------------------------------------------
@@ -353,11 +362,10 @@ def variants_by_name(
 
     variants: dict[str, VariantBuilder] = {}
     for name in names:
-        match = re.fullmatch(r"w(\d)a(\d)-(native|simulated)(-dynamic)?(-modiff)?", name)
+        match = re.fullmatch(r"w(\d)a(\d)-(native|openvino|simulated)(-dynamic)?(-modiff)?", name)
         if not match:
-            raise ValueError(
-                f"bench variant '{name}' is not of the form w8a8-native[-dynamic][-modiff]"
-            )
+            raise ValueError(f"bench variant '{name}' is not of the form "
+                             "w8a8-<native|openvino|simulated>[-dynamic][-modiff]")  # fmt: skip
         w, a, backend, dynamic, modiff = match.groups()
         config = QuantConfig(w_bits=int(w), a_bits=int(a), backend=backend,
                              a_scale="dynamic" if dynamic else "static",
@@ -397,7 +405,7 @@ def peer_variants(
         for engine in engines
         if engine not in skipped
         for name in ENGINES[engine]
-        if name.endswith("int8") or not int8_only
+        if "-int8" in name or not int8_only
     }
 
 
@@ -450,9 +458,18 @@ def _time_cifar10(params: dict[str, Any], settings: BenchSettings, workdir: str)
     b = params["bench"]
     config = preset_config(params, "cifar10")
     inputs = timing_calibration(config["model"]["in_channels"], config["data"]["image_size"])
-    variants = {**variants_by_name(b["variants"], cache_dir=workdir),
+    names = list(b["variants"])
+    if "w8a8-openvino" in names and not _openvino_exact():  # the exact one-call 7-bit form too
+        names.append("w8a7-openvino")
+    variants = {**variants_by_name(names, cache_dir=workdir),
                 **peer_variants(b["peers"], workdir, settings.threads, inputs)}  # fmt: skip
     return _time_case(BenchCase("cifar10", config, "random (timing only)"), variants, settings)
+
+
+def _openvino_exact() -> bool:
+    from modiff.quant import openvino
+
+    return not openvino.available() or openvino.probe()
 
 
 def _time_case(case: BenchCase, variants: dict, settings: BenchSettings) -> list[dict]:

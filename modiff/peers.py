@@ -5,7 +5,9 @@
   activations, min-max calibration) on the convs and linears, the layers modiff quantizes.
 - ``openvino-fp32`` / ``openvino-int8``: the same ONNX model converted by OpenVINO, inference
   precision f32 (a bf16-capable CPU would otherwise run bf16 and call it FP32); INT8 by NNCF's
-  post-training ``nncf.quantize`` (its default INT8 preset, fast bias correction).
+  post-training ``nncf.quantize`` (its default INT8 preset, fast bias correction);
+  ``openvino-int8-same-layers``: the same, with the attention matmuls left in float (NNCF's
+  ignored scope) as modiff leaves them.
 - ``pt2e-inductor-int8``: PyTorch's own INT8 path: ``torch.export``, torchao's
   ``X86InductorQuantizer`` (its default static config), ``torch.compile`` with freezing.
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = {
     "onnxruntime": ("onnxruntime-fp32", "onnxruntime-int8"),
-    "openvino": ("openvino-fp32", "openvino-int8"),
+    "openvino": ("openvino-fp32", "openvino-int8", "openvino-int8-same-layers"),
     "pt2e": ("pt2e-inductor-int8",),
 }
 _MODULES = {"onnxruntime": ["onnx", "onnxruntime"], "openvino": ["onnx", "openvino", "nncf"],
@@ -77,7 +79,9 @@ class PeerVariant:
             return _OnnxRuntime(quantized, self.threads, fused=self.name != QDQ_IN_FLOAT)
         if self.name == "openvino-fp32":
             return _OpenVINO(onnx_path, self.threads)
-        return _OpenVINO(_openvino_int8(onnx_path, self.workdir, self.calibration), self.threads)
+        same_layers = self.name == "openvino-int8-same-layers"
+        quantized = _openvino_int8(onnx_path, self.workdir, self.calibration, same_layers)
+        return _OpenVINO(quantized, self.threads)
 
 
 def _export_onnx(model: nn.Module, dest: Path, calibration: dict) -> Path:
@@ -131,18 +135,26 @@ def _onnxruntime_int8(onnx_path: Path, calibration: dict) -> Path:
     return dest
 
 
-def _openvino_int8(onnx_path: Path, workdir: Path, calibration: dict) -> Path:
+def _openvino_int8(
+    onnx_path: Path, workdir: Path, calibration: dict, same_layers: bool = False
+) -> Path:
+    """NNCF's INT8 model; ``same_layers``: the attention matmuls left in float, as modiff (and the
+    paper) leave them, so that both quantize the same layers."""
     import nncf
     import openvino as ov
 
-    dest = workdir / "openvino-int8.xml"
+    stem = "openvino-int8-same-layers" if same_layers else "openvino-int8"
+    dest = workdir / f"{stem}.xml"
     if dest.is_file():
         return dest
-    log.info("quantizing with NNCF (nncf.quantize, post-training)")
+    log.info("quantizing with NNCF (nncf.quantize, post-training%s)",
+             ", attention matmuls in float" if same_layers else "")  # fmt: skip
     feeds = _feeds(calibration)
+    attention = nncf.IgnoredScope(patterns=[".*attn.*MatMul.*"], validate=False)
+    ignored = attention if same_layers else None
     quantized = nncf.quantize(ov.convert_model(str(onnx_path)), nncf.Dataset(feeds),
-                              subset_size=len(feeds))  # fmt: skip
-    tmp = workdir / "openvino-int8.part.xml"
+                              subset_size=len(feeds), ignored_scope=ignored)  # fmt: skip
+    tmp = workdir / f"{stem}.part.xml"
     ov.save_model(quantized, str(tmp))
     tmp.with_suffix(".bin").replace(dest.with_suffix(".bin"))
     tmp.replace(dest)

@@ -70,14 +70,15 @@ def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[st
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| model | weights | variant | int8 scheme | batch | ms/step | img/s | x FP32 "
-        "| sampling MB | peak RSS MB | cache MB/img |"
+        "| x fastest FP32 | sampling MB | peak RSS MB | cache MB/img |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['variant']} | {format_schemes(r.get('schemes'))}"
             f" | {r['batch']} | {r['step_ms']:.2f} | {r['images_per_s']:.1f}"
-            f" | {r['speedup_vs_fp32']:.2f} | {r.get('sampling_mem_mb', '-')}"
+            f" | {r['speedup_vs_fp32']:.2f} | {_fmt(r.get('speedup_vs_fastest_fp32'), 2)}"
+            f" | {r.get('sampling_mem_mb', '-')}"
             f" | {r.get('peak_rss_mb', '-')} | {r.get('cache_mb_per_image', '-')} |"
         )
     return "\n".join(lines)
@@ -205,8 +206,9 @@ def write_report(
         lines += [
             "## Speed on the CIFAR-10 UNet (timing only: random weights)",
             "",
-            "Per DDIM step, median of paired repetitions; x FP32 is the median ratio against FP32 "
-            f"in the same repetition; memory is measured in a fresh process. CPU ISA "
+            "Per DDIM step, median of paired repetitions; x FP32 is the median ratio against torch "
+            "FP32 in the same repetition, x fastest FP32 the ratio of medians against the fastest "
+            "FP32 engine of the run; memory is measured in a fresh process. CPU ISA "
             f"{env.get('cpu_isa', '?')}, int8 kernels {env.get('int8_kernels', '?')}.",
             "",
             format_table(cifar),

@@ -43,12 +43,16 @@ def test_peers_are_timed_in_the_same_paired_run(case, tmp_path):
     rows = time_variants(case, variants, settings)
     names = {r["variant"] for r in rows}
     assert names == {"fp32", "w8a8-native", "onnxruntime-fp32", "onnxruntime-int8",
-                     "openvino-fp32", "openvino-int8"}  # fmt: skip
+                     "openvino-fp32", "openvino-int8", "openvino-int8-same-layers"}  # fmt: skip
     assert all(len(r["step_ms_all"]) == 2 and r["speedup_vs_fp32"] > 0 for r in rows)
     assert {r["batch"] for r in rows} == {2, 3}  # one exported model serves every batch size
     assert all(r["schemes"] == {} for r in rows if "-" in r["variant"] and "w8" not in r["variant"])
     assert (tmp_path / "onnxruntime-int8.onnx").is_file()  # one export, quantized per engine
     assert (tmp_path / "openvino-int8.xml").is_file()
+    assert (tmp_path / "openvino-int8-same-layers.xml").is_file()  # attention matmuls in float
+    for batch in (2, 3):  # ratios against the fastest FP32 engine: that one is 1
+        fp32_rows = [r for r in rows if r["batch"] == batch and r["variant"].endswith("fp32")]
+        assert max(r["speedup_vs_fastest_fp32"] for r in fp32_rows) == 1.0
 
 
 @needs_peers

@@ -29,6 +29,7 @@ import copy
 import functools
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +65,17 @@ def require() -> Any:
     return openvino
 
 
+def cpu_supported() -> bool:
+    """Whether this CPU (as capped by ``ONEDNN_MAX_CPU_ISA``) has AVX2: under SSE4.1 the CPU
+    plugin failed to compile the UNet ("bad combination"), though single layers compiled."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "avx2" in kernels.cpu_flags() and not cap.startswith("SSE")
+
+
 def unsupported(config: Any) -> str | None:
     """Why ``config`` cannot run on this backend (None: it can), in words that name the fix."""
+    if not cpu_supported():
+        return "OpenVINO's integer path needs AVX2 (this CPU, or its cap, has less): use 'native'"
     if config.a_scale != "static":
         return (
             "dynamic activation scales (computed at run time) do not run as integer in OpenVINO, "
@@ -115,6 +125,8 @@ class ExportLayer(nn.Module):
         w_shape = (-1,) + (1,) * (codes.dim() - 1)
         self.register_buffer("weight_scale", layer.weight_scale.reshape(w_shape).clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
+        float_weight = layer.weight_codes.float() * self.weight_scale  # the split's undone
+        self.register_buffer("float_weight", float_weight, persistent=False)
 
     def weight(self) -> torch.Tensor:
         # Traced as an int8 Constant -> Convert -> Multiply: kept as int8 by OpenVINO.
@@ -145,11 +157,10 @@ class ExportLayer(nn.Module):
         return F.linear(operand, self.weight(), bias)
 
     def float_op(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """The layer on an unquantized input (MoDiff's fp warm-up), the split form's weights
-        undone."""
-        w = self.weight()
-        if self.scheme == "split":
-            w = w[:, : w.shape[1] // 2]
+        """The layer on an unquantized input (MoDiff's warm-up) with the dequantized weights as
+        a float constant: int8 weights decompressed inside a float matmul are a pattern the CPU
+        plugin's AVX2 kernels refuse for some linears."""
+        w = self.float_weight
         bias = self.bias if with_bias else None
         if self.is_conv:
             return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
