@@ -154,6 +154,7 @@ def write_report(
         "Q-Diffusion calibration "
         f"({preset['calibration']['cali_st']} steps x {preset['calibration']['cali_n']} "
         "trajectories)",
+        *_auto_backend_line(q["backend"]),
         f"- torch {env['torch']}, CPU {env['cpu']}, {params['threads']} threads, "
         f"device {params['device']}, quantized engine {env['quantized_engine']}",
         f"- int8 kernels: {_isa_line(env)}",
@@ -224,6 +225,15 @@ def write_report(
         lines.append(f"- [{f}]({_rel(f, out.parent)})")
     with atomic_output(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def _auto_backend_line(backend: str) -> list[str]:
+    if backend != "auto":
+        return []
+    return ["- backend `auto`: static-scale variants run on `openvino` (the model compiled as one "
+            "integer graph) on a CPU with AVX2, dynamic-scale (and LCQ) variants on `native`, "
+            "since OpenVINO runs a quantizer in integer only with constant ranges; the variant "
+            "table names each variant's backend"]  # fmt: skip
 
 
 def peer_lines(bench: dict[str, Any]) -> list[str]:
