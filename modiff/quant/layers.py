@@ -426,12 +426,12 @@ def kernel_record(model: nn.Module) -> dict:
     run the native kernels, also whether those are exact or saturating here and how many layer
     parts run each scheme."""
     record: dict = kernels.isa_record()
+    engines = [m for m in model.modules() if callable(getattr(m, "engine_record", None))]
+    for engine in engines:  # a compiled engine (backend openvino) describes itself
+        record.update(engine.engine_record())
     schemes = native_schemes(model)
-    if schemes:
+    if schemes and not engines:  # (no oneDNN probe for a model the engine runs)
         record.update(int8_kernels=kernels.probe().describe(), schemes=schemes)
-    for m in model.modules():  # a compiled engine (backend openvino) describes itself
-        if callable(getattr(m, "engine_record", None)):
-            record.update(m.engine_record())
     return record
 
 

@@ -398,7 +398,6 @@ class Graphs:
 
     step: Any
     warm_up: Any | None
-    n_caches: int
 
 
 def trace(root: ExportRoot, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, int]:
@@ -427,8 +426,8 @@ def specialize(graph: Any, n_caches: int, batch: int) -> Graphs:
         shapes[i] = ov.PartialShape([batch, *dims])
     graph.reshape(shapes)
     if not n_caches:
-        return Graphs(graph, None, 0)
-    return Graphs(_stateful(graph.clone(), n_caches), _warm_up(graph, n_caches), n_caches)
+        return Graphs(graph, None)
+    return Graphs(_stateful(graph.clone(), n_caches), _warm_up(graph, n_caches))
 
 
 def _stateful(graph: Any, n: int) -> Any:
