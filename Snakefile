@@ -1,6 +1,8 @@
 # modiff pipeline: `snakemake --cores N results/report.md`. Rules live in workflow/rules/; what
 # each stage runs, reads and writes is modiff/pipeline.py's stage table (dvc.yaml's source too).
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from modiff.config import VARIANT_NAME_REGEX
 
 min_version("9.0")
 
@@ -8,14 +10,11 @@ min_version("9.0")
 configfile: "params.yaml"
 
 
-validate(config, "modiff/params.schema.yaml")
-
-
 include: "workflow/rules/common.smk"
 
 
 wildcard_constraints:
-    variant="fp32|(qdiff|modiff)-(static|dynamic|lcq)-w[2-8]a[2-8](-adaround|-brecq)?(-lsq)?",
+    variant=VARIANT_NAME_REGEX,
     shard=r"\d+",
     sigma=r"[0-9.e-]+",
 

@@ -22,8 +22,9 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,8 +35,13 @@ from modiff.quant.layers import cache_bytes, native_schemes
 from modiff.runtime import release_freed_memory
 from modiff.timesteps import timestep_sequence
 
+if TYPE_CHECKING:
+    from modiff.config import Bench, Params
+
 log = logging.getLogger(__name__)
 ACCURACY_INPUTS = 256  # calibration inputs for the INT8 accuracy check (each method, same ones)
+# Added on CPUs whose 8-bit OpenVINO kernels saturate: the exact one-call 7-bit form.
+SEVEN_BIT_OPENVINO = "qdiff-static-w8a7@openvino"
 TIMING_CALIB_VALUES = 1 << 12  # values per layer input for the scale search of timing variants
 
 VariantBuilder = Callable[[nn.Module], nn.Module]
@@ -51,13 +57,15 @@ class BenchCase:
     state_dict: dict[str, torch.Tensor] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchSettings:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
-    repetitions: int = 5
-    steps: int = 6  # model calls per trajectory; the first is excluded from the median
-    threads: int = 2
-    memory: bool = True
+    """How one case is timed (from params.yaml's ``bench`` section and ``threads``)."""
+
+    batch_sizes: tuple[int, ...]
+    repetitions: int
+    steps: int  # model calls per trajectory; the first is excluded from the median
+    threads: int
+    memory: bool = True  # peak memory of each variant, in a fresh process
 
 
 def timing_calibration(in_channels: int, image_size: int, n: int = 8) -> dict[str, torch.Tensor]:
@@ -321,19 +329,13 @@ class QuantizedVariant:
         from pathlib import Path
 
         from modiff.quant import quantize_
-        from modiff.quant.api import (
-            load_quantized,
-            save_quant_params,
-            target_layers,
-            weights_fingerprint,
-        )
+        from modiff.quant.api import load_quantized, save_quant_params
 
         key = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         cached = Path(self.cache_dir) / f"{key.hexdigest()[:16]}.pt" if self.cache_dir else None
         if cached is not None and cached.is_file():
             model, _ = load_quantized(model, cached)
         else:
-            fingerprint = weights_fingerprint(model, list(target_layers(model, self.config)))
             config, calibration = self.config, None
             if config.a_scale == "static" and self.calibration is not None:
                 calibration = self.calibration
@@ -342,7 +344,7 @@ class QuantizedVariant:
                 config = dataclasses.replace(config, calib_max_values=TIMING_CALIB_VALUES)
             model = quantize_(model, config, calibration)
             if cached is not None:
-                save_quant_params(model, self.config, fingerprint, cached)
+                save_quant_params(model, self.config, cached)
         if self.channels_last and not callable(getattr(model, "engine_record", None)):
             return _ChannelsLast(model.to(memory_format=torch.channels_last))
         return model  # (a compiled engine takes its input as it is)
@@ -351,34 +353,25 @@ class QuantizedVariant:
 # --- the benchmark of the pipeline ---------------------------------------------------------------
 
 
-def variants_by_name(
+def bench_variants(
     names: list[str], calibration: dict | None = None, cache_dir: str | None = None
 ) -> dict[str, VariantBuilder]:
-    """Benchmark variants by name, e.g. ``w8a8-native`` (quantized, static scales) or
-    ``w8a8-native-modiff`` (with MoDiff modulation)."""
-    import re
-
+    """Benchmark variants by name, ``<grid variant name>@<backend>`` (e.g.
+    ``modiff-static-w8a8@openvino``), as params.yaml's ``bench.variants`` names them."""
+    from modiff.config import BenchVariant
     from modiff.quant import QuantConfig
 
     variants: dict[str, VariantBuilder] = {}
     for name in names:
-        match = re.fullmatch(r"w(\d)a(\d)-(native|openvino|simulated)(-dynamic)?(-modiff)?", name)
-        if not match:
-            raise ValueError(f"bench variant '{name}' is not of the form "
-                             "w8a8-<native|openvino|simulated>[-dynamic][-modiff]")  # fmt: skip
-        w, a, backend, dynamic, modiff = match.groups()
-        config = QuantConfig(w_bits=int(w), a_bits=int(a), backend=backend,
-                             a_scale="dynamic" if dynamic else "static",
-                             modulation="compensated" if modiff else "none")  # fmt: skip
+        timed = BenchVariant.from_name(name)
+        config = dataclasses.replace(QuantConfig(), backend=timed.backend)  # warm-up: the default
+        config = QuantConfig.from_variant(timed.variant, config)
         variants[name] = QuantizedVariant(config, calibration, cache_dir=cache_dir)
     return variants
 
 
-def grid_variants(
-    params: dict[str, Any], cache_dir: str | None = None
-) -> dict[str, VariantBuilder]:
+def grid_variants(params: Params, cache_dir: str | None = None) -> dict[str, VariantBuilder]:
     """Benchmark variants for params.yaml's variant grid, by the grid's names."""
-    from modiff.config import quantized_variants
     from modiff.quant import QuantConfig
 
     # Timing only: learned rounding and step sizes change the values, not the work, so the
@@ -386,10 +379,10 @@ def grid_variants(
     timed = {"reconstruction": "none", "learn_act_scales": False}
     return {
         name: QuantizedVariant(
-            dataclasses.replace(QuantConfig.from_variant(v, params["quant"]), **timed),
+            dataclasses.replace(QuantConfig.from_variant(v, params.quant), **timed),
             cache_dir=cache_dir,
         )
-        for name, v in quantized_variants(params).items()
+        for name, v in params.quantized_variants.items()
     }
 
 
@@ -409,60 +402,58 @@ def peer_variants(
     }
 
 
-def run(params: dict[str, Any], calibration: dict | None = None) -> dict[str, Any]:
+def run(params: Params, checkpoint: Path, calibration: dict | None = None) -> dict[str, Any]:
     """params.yaml's benchmark: the variant grid on the preset model (largest batch size), the
     ``bench.variants`` and peers on CIFAR-10's UNet, and the INT8 accuracy of each against FP32
     on the preset model's ``calibration`` inputs (what ``modiff calib-data`` writes; without
-    them, collected here)."""
+    them, collected here). ``checkpoint``: the preset's (random weights when absent)."""
     import tempfile
 
     from modiff.checkpoint import load_state_dict
-    from modiff.config import checkpoint_path, preset_config
     from modiff.fetch import verified_checkpoint
     from modiff.peers import unavailable
 
-    b = params["bench"]
-    settings = BenchSettings(batch_sizes=b["batch_sizes"], repetitions=b["repetitions"],
-                             steps=b["steps"], threads=params["threads"])  # fmt: skip
-    preset = preset_config(params)
-    ck = checkpoint_path(preset["name"])
-    state = load_state_dict(verified_checkpoint(preset)) if ck.is_file() else None
-    preset_case = BenchCase(preset["name"], preset, "checkpoint" if state else "random", state)
-    skipped = unavailable(b["peers"])
+    bench = params.bench
+    settings = BenchSettings(batch_sizes=bench.batch_sizes, repetitions=bench.repetitions,
+                             steps=bench.steps, threads=params.threads)  # fmt: skip
+    preset = params.preset_layout()
+    has_weights = Path(checkpoint).is_file()
+    state = load_state_dict(verified_checkpoint(checkpoint, preset)) if has_weights else None
+    preset_case = BenchCase(params.preset, preset, "checkpoint" if state else "random", state)
+    skipped = unavailable(list(bench.peers))
     for engine, reason in skipped.items():
         log.warning("peer %s skipped: %s", engine, reason)
     rows, accuracy = [], []
     with tempfile.TemporaryDirectory(prefix="modiff-peers-") as workdir:
-        if preset["name"] != "cifar10":  # speed only: a small model's memory says little
-            grid = dataclasses.replace(settings, batch_sizes=[max(b["batch_sizes"])], memory=False)
+        if params.preset != "cifar10":  # speed only: a small model's memory says little
+            largest = (max(bench.batch_sizes),)
+            grid = dataclasses.replace(settings, batch_sizes=largest, memory=False)
             rows += _time_case(preset_case, grid_variants(params), grid)
-        if b["cifar10"] or preset["name"] == "cifar10":
+        if bench.cifar10 or params.preset == "cifar10":
             rows += _time_cifar10(params, settings, f"{workdir}/cifar10")
         if state is not None:
             accuracy = int8_accuracy(
-                preset_case, b, settings.threads, f"{workdir}/accuracy", calibration
+                preset_case, bench, settings.threads, f"{workdir}/accuracy", calibration
             )
     return {
         "environment": environment(),
-        "settings": vars(settings),
-        "peers": {"requested": b["peers"], "skipped": skipped},
+        "settings": dataclasses.asdict(settings),
+        "peers": {"requested": list(bench.peers), "skipped": skipped},
         "rows": rows,
         "accuracy": accuracy,
     }
 
 
-def _time_cifar10(params: dict[str, Any], settings: BenchSettings, workdir: str) -> list[dict]:
+def _time_cifar10(params: Params, settings: BenchSettings, workdir: str) -> list[dict]:
     """``bench.variants`` and the peers on CIFAR-10's UNet (random weights: timing only)."""
-    from modiff.config import preset_config
-
-    b = params["bench"]
-    config = preset_config(params, "cifar10")
+    config = params.preset_layout("cifar10")
     inputs = timing_calibration(config["model"]["in_channels"], config["data"]["image_size"])
-    names = list(b["variants"])
-    if "w8a8-openvino" in names and not _openvino_exact():  # the exact one-call 7-bit form too
-        names.append("w8a7-openvino")
-    variants = {**variants_by_name(names, cache_dir=workdir),
-                **peer_variants(b["peers"], workdir, settings.threads, inputs)}  # fmt: skip
+    names = list(params.bench.variants)
+    if "qdiff-static-w8a8@openvino" in names and not _openvino_exact():
+        names.append(SEVEN_BIT_OPENVINO)  # the exact one-call form where 8 bits saturate
+    variants = {**bench_variants(names, cache_dir=workdir),
+                **peer_variants(list(params.bench.peers), workdir, settings.threads,
+                                inputs)}  # fmt: skip
     return _time_case(BenchCase("cifar10", config, "random (timing only)"), variants, settings)
 
 
@@ -479,7 +470,7 @@ def _time_case(case: BenchCase, variants: dict, settings: BenchSettings) -> list
 
 
 def int8_accuracy(
-    case: BenchCase, bench: dict, threads: int, workdir: str, calibration: dict | None = None
+    case: BenchCase, bench: Bench, threads: int, workdir: str, calibration: dict | None = None
 ) -> list[dict]:
     """eps error against FP32 on calibration inputs of ``case``'s (trained) model: each
     unmodulated ``bench.variants`` entry, its simulated twin (the native one must match it) and
@@ -495,12 +486,12 @@ def int8_accuracy(
     step = max(1, len(calibration["xs"]) // ACCURACY_INPUTS)  # spread over steps and samples
     calibration = {k: v[::step][:ACCURACY_INPUTS] for k, v in calibration.items()}
     log.info("INT8 accuracy on %s: %d calibration inputs", case.name, len(calibration["xs"]))
-    names = [n for n in bench["variants"] if not n.endswith("-modiff")]
-    names += [n.replace("-native", "-simulated") for n in names if "-native" in n]
-    peers = peer_variants(bench["peers"], workdir, threads, calibration, int8_only=True)
+    plain = [n for n in bench.variants if not n.startswith("modiff-")]
+    names = plain + [n.replace("@native", "@simulated") for n in plain if n.endswith("@native")]
+    peers = peer_variants(list(bench.peers), workdir, threads, calibration, int8_only=True)
     if "onnxruntime-int8" in peers:  # the same QDQ model without int8 kernels: saturation's cost
         peers[QDQ_IN_FLOAT] = PeerVariant(QDQ_IN_FLOAT, workdir, threads, calibration)
-    builders = variants_by_name(list(dict.fromkeys(names)), calibration)
+    builders = bench_variants(list(dict.fromkeys(names)), calibration)
     models = {name: build(_build(case)) for name, build in builders.items()}
     rows = eps_errors(_build(case), models, calibration)
     for name, build in peers.items():  # each in its own process: an engine's crash is its row

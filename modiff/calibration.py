@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from modiff.diffusion import (
 )
 from modiff.io import atomic_output, load_tagged
 from modiff.timesteps import timestep_sequence
+
+if TYPE_CHECKING:
+    from modiff.config import Params
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +98,17 @@ def collect_calibration(
     return {k: torch.cat(v) for k, v in keeper.data.items()}
 
 
-def calibration_meta(
-    params: dict[str, Any], preset: dict[str, Any], checkpoint: str | Path
-) -> dict[str, Any]:
+def calibration_meta(params: Params, checkpoint: str | Path) -> dict[str, Any]:
     """What a calibration file is made from: written into it, and demanded of it when loaded."""
     from modiff.fetch import file_digest
 
+    preset = params.selected
     return {
-        "preset": preset["name"],
+        "preset": params.preset,
         "checkpoint_sha256": file_digest(checkpoint, "sha256"),
-        "seed": params["seed"],
-        "sampling": {k: preset["sampling"][k] for k in ("steps", "skip_type", "eta")},
-        "calibration": {k: preset["calibration"][k] for k in ("cali_st", "cali_n")},
+        "seed": params.seed,
+        "sampling": preset.sampling.model_dump(include={"steps", "skip_type", "eta"}),
+        "calibration": preset.calibration.model_dump(include={"cali_st", "cali_n"}),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,3 +144,13 @@ def _truncated(items: list[str]) -> str:
     shown = ", ".join(items[:_LIST_LIMIT])
     more = len(items) - _LIST_LIMIT
     return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def load_model(preset: dict[str, Any], path: str | Path, device: Any = "cpu") -> torch.nn.Module:
+    """The preset's model (a preset layout, :meth:`modiff.config.Preset.layout`) with the
+    checkpoint at ``path``, verified against the digest params.yaml gives; in eval mode."""
+    from modiff.fetch import verified_checkpoint
+    from modiff.models import build_model
+
+    model = load_into(build_model(preset), verified_checkpoint(path, preset))
+    return model.eval().to(device)

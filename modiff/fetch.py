@@ -103,20 +103,19 @@ def fetch(
     return dest
 
 
-def verified_checkpoint(preset: dict[str, Any]) -> Path:
-    """The preset's fetched checkpoint, checked against the digest params.yaml gives for it.
+def verified_checkpoint(path: str | Path, preset: dict[str, Any]) -> Path:
+    """The preset's fetched checkpoint at ``path``, checked against the digest params.yaml gives
+    for it (``preset``: a preset layout, with its name and checkpoint section).
 
     Checked at every load, not only when fetched: a file is trusted only while its digest
     matches (a byte flipped since would otherwise load silently into every later stage)."""
-    from modiff.config import checkpoint_path
-
-    path = checkpoint_path(preset["name"])
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} not found; run `modiff fetch` (or the pipeline's fetch stage) first"
         )
-    c = preset["checkpoint"]
-    expected = _expected_digests(md5=c.get("md5"), sha256=c.get("sha256"))
+    digests = preset["checkpoint"]
+    expected = _expected_digests(md5=digests.get("md5"), sha256=digests.get("sha256"))
     actual = _file_digests(path, expected)
     if not _digests_match(actual, expected):
         raise ChecksumError(

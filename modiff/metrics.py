@@ -39,6 +39,7 @@ from modiff.errors import UserError
 from modiff.fetch import file_digest
 
 PRESETS = ("digits", "cifar10")
+FID_CACHE = Path("data/fid_cache")  # reference statistics: computed once, checked when read
 FEATURE_EXTRACTORS = {"digits": (FEATURE_EXTRACTOR_NAME,), "cifar10": ("inception-v3-compat",)}
 REFERENCES = {"digits": ("digits",), "cifar10": ("cifar10-train", "cifar10-val")}
 KID_MAX_SUBSET = 1000

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modiff.config import scale_kind
+from modiff.config import Params, Variant
 from modiff.io import atomic_output
 
 RECONSTRUCTIONS = {"layer": "AdaRound per layer", "block": "BRECQ"}
@@ -27,15 +27,19 @@ def method_label(record: dict[str, Any]) -> str:
     return base + (" + MoDiff" if record["method"] == "modiff" else "")
 
 
+def _scale_kind(record: dict[str, Any]) -> str:
+    return Variant.from_name(record["variant"]).scale_kind  # the name says it
+
+
 def row_label(record: dict[str, Any]) -> str:
     """A row of the paper-shaped table: the method and its activation scales."""
-    return f"{method_label(record)}, {SCALES[scale_kind(record)]} scales"
+    return f"{method_label(record)}, {SCALES[_scale_kind(record)]} scales"
 
 
 def _row_order(record: dict[str, Any]) -> tuple:
     """The paper's row order: static, then dynamic scales; within each, plain rounding before
     reconstruction, each without and then with MoDiff."""
-    return (list(SCALES).index(scale_kind(record)), record.get("reconstruction") != "none",
+    return (list(SCALES).index(_scale_kind(record)), record.get("reconstruction") != "none",
             bool(record.get("learn_act_scales")), record["method"] == "modiff")  # fmt: skip
 
 
@@ -123,8 +127,7 @@ def variant_table(records: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(
-    params: dict[str, Any],
-    preset: dict[str, Any],
+    params: Params,
     records_file: str,
     plot_file: str,
     damage_files: list[str],
@@ -138,10 +141,11 @@ def write_report(
     bench = json.loads(Path(bench_file).read_text())
     damage = [json.loads(Path(f).read_text()) for f in damage_files]
     env = bench["environment"]
+    preset = params.preset_layout()
     s, ck, fid = preset["sampling"], preset["checkpoint"], preset["fid"]
     digest = ("md5", ck["md5"]) if "md5" in ck else ("sha256", ck["sha256"])
     n = sorted({r["n_samples"] for r in records})
-    q = params["quant"]
+    q = params.quant.model_dump()
     lines = [
         f"# modiff report: preset `{preset['name']}`",
         "",
@@ -149,14 +153,14 @@ def write_report(
         "",
         f"- checkpoint: `{ck['source']}` ({digest[0]} `{digest[1]}`)",
         f"- sampler: DDIM, {s['steps']} {s['skip_type']} steps, eta {s['eta']}, "
-        f"batch {s['batch_size']}, seed {params['seed']}, {s['shards']} shards",
+        f"batch {s['batch_size']}, seed {params.seed}, {s['shards']} shards",
         f"- quantization: backend `{q['backend']}`, MoDiff warm-up `{q['warmup']}`; "
         "Q-Diffusion calibration "
         f"({preset['calibration']['cali_st']} steps x {preset['calibration']['cali_n']} "
         "trajectories)",
         *_auto_backend_line(q["backend"]),
-        f"- torch {env['torch']}, CPU {env['cpu']}, {params['threads']} threads, "
-        f"device {params['device']}, quantized engine {env['quantized_engine']}",
+        f"- torch {env['torch']}, CPU {env['cpu']}, {params.threads} threads, "
+        f"device {params.device}, quantized engine {env['quantized_engine']}",
         f"- int8 kernels: {_isa_line(env)}",
         f"- FID: N = {', '.join(map(str, n))} samples against `{fid['reference']}` with "
         f"`{fid['feature_extractor']}` features. FID at small N is biased upwards: compare only "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -10,13 +11,14 @@ from typing import Any
 import numpy as np
 
 from modiff.io import atomic_output, load_images
+from modiff.records import FidRecord, SampleMeta, VariantRecord
 
 # Metadata that may differ between the shards of one variant. Shards sampled on other CPUs
 # (cluster nodes) record other ISAs: the native kernels are exact on each, so they merge.
 _PER_SHARD = ("indices", "shard", "kernels")
 
 
-def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
+def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, SampleMeta]:
     """Concatenate sample shards in index order; they must tile 0..N and share settings."""
     loaded = sorted((load_images(p) + (str(p),) for p in paths), key=lambda t: t[1]["indices"][0])
     expected_start = 0
@@ -32,14 +34,14 @@ def merge_shards(paths: list[str | Path]) -> tuple[np.ndarray, dict[str, Any]]:
         if other != {k: v for k, v in first_meta.items() if k not in _PER_SHARD}:
             raise ValueError(f"{path} was sampled with other settings than {loaded[0][2]}")
         expected_start = stop
-    meta = {k: v for k, v in first_meta.items() if k not in _PER_SHARD}
-    meta["indices"] = [0, expected_start]
-    meta["shards"] = len(loaded)
     kernels = []
     for _, shard_meta, _ in loaded:
         if shard_meta.get("kernels") not in kernels:
             kernels.append(shard_meta.get("kernels"))
-    meta["kernels"] = kernels[0] if len(kernels) == 1 else kernels  # a list: CPUs differed
+    shared = {k: v for k, v in first_meta.items() if k not in _PER_SHARD}
+    meta = SampleMeta.from_json({**shared, "indices": [0, expected_start]})
+    meta = dataclasses.replace(meta, shards=len(loaded),
+                               kernels=kernels[0] if len(kernels) == 1 else kernels)  # fmt: skip
     return np.concatenate([images for images, _, _ in loaded]), meta
 
 
@@ -53,74 +55,14 @@ def add_noise(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def psnr_summary(values: np.ndarray) -> dict[str, float | None]:
-    """Median and mean of per-image PSNR (dB); identical images (inf) count as 100 dB."""
-    capped = np.minimum(values, 100.0)
-    return {"psnr_vs_fp32": round(float(np.median(capped)), 3),
-            "psnr_vs_fp32_mean": round(float(np.mean(capped)), 3)}  # fmt: skip
-
-
-def fid_record(
-    scores: dict[str, Any],
-    samples: str | Path,
-    meta: dict[str, Any],
-    psnr_values: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """A variant's metrics file: FID/KID ``scores``, PSNR against FP32, and what made the samples
-    (the metadata ``modiff sample`` stored with them)."""
-    quant = meta.get("quant") or {}
-    record = {**scores, "variant": meta.get("variant", Path(samples).stem), "samples": str(samples)}
-    if psnr_values is not None:
-        record.update(psnr_summary(psnr_values))
-    record.update(
-        steps=meta.get("sampling", {}).get("steps"),
-        method=meta.get("method"),
-        backend=quant.get("backend", "fp32"),
-        device=meta.get("device"),
-        kernels=meta.get("kernels"),
-    )
-    if "noise_sigma" in meta:
-        record["noise_sigma"] = meta["noise_sigma"]
-    keys = ("w_bits", "a_bits", "a_scale", "a_granularity", "reconstruction", "learn_act_scales")
-    record.update({k: quant[k] for k in keys if k in quant})
-    return record
-
-
-def variant_record(metrics: dict[str, Any], bench_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One record of results/metrics.json: quality from ``metrics``, speed from the benchmark."""
-    name = metrics["variant"]
-    quantized = name != "fp32"
-    timed = [r for r in bench_rows if r["model"] != "cifar10" and r["variant"] == name]
-    speed = max(timed, key=lambda r: r["batch"]) if timed else {}
-    return {
-        "variant": name,
-        "method": metrics["method"],
-        "a_scale": metrics.get("a_scale") if quantized else None,
-        "a_granularity": metrics.get("a_granularity", "per_tensor") if quantized else None,
-        "w_bits": metrics.get("w_bits", 32),
-        "a_bits": metrics.get("a_bits", 32),
-        "reconstruction": metrics.get("reconstruction", "none") if quantized else None,
-        "learn_act_scales": metrics.get("learn_act_scales", False) if quantized else None,
-        "backend": metrics["backend"],
-        "device": metrics.get("device"),
-        "kernels": metrics.get("kernels"),  # CPU ISA; native: exact or saturating, schemes
-        "n_samples": metrics["n_samples"],
-        "steps": metrics["steps"],
-        "fid": metrics["fid"],
-        "kid": metrics["kid"],
-        "psnr_vs_fp32": metrics.get("psnr_vs_fp32"),
-        "step_ms": speed.get("step_ms"),
-        "speedup_vs_fp32": speed.get("speedup_vs_fp32"),
-        "bench_batch": speed.get("batch"),
-        "cache_mb_per_image": speed.get("cache_mb_per_image"),
-    }
-
-
-def gather(metric_files: list[str | Path], bench_file: str | Path) -> list[dict[str, Any]]:
+def gather(metric_files: list[str | Path], bench_file: str | Path) -> list[VariantRecord]:
     """All variants' records: FP32 first, then in the order given."""
     rows = json.loads(Path(bench_file).read_text())["rows"]
-    records = [variant_record(json.loads(Path(f).read_text()), rows) for f in metric_files]
-    return sorted(records, key=lambda r: r["variant"] != "fp32")
+    records = [
+        VariantRecord.from_metrics(FidRecord.from_json(json.loads(Path(f).read_text())), rows)
+        for f in metric_files
+    ]
+    return sorted(records, key=lambda r: r.variant != "fp32")
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

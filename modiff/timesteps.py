@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
-SKIP_TYPES = ("uniform", "quad")
+SkipType = Literal["uniform", "quad"]
+SKIP_TYPES: tuple[str, ...] = get_args(SkipType)
 
 
 def timestep_sequence(steps: int, skip_type: str, num_diffusion_timesteps: int = 1000) -> list[int]:

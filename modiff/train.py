@@ -83,3 +83,31 @@ def train_diffusion(
     if out is not None:
         save_state_dict(ema, out)
     return ema, summary
+
+
+def train_preset(
+    params: Any, out: Path, summary: Path | None = None, *, classifier: bool = False
+) -> None:
+    """``modiff train``: the selected preset's diffusion model (its ``training`` settings), or
+    with ``classifier`` the digits classifier FID uses; writes ``out`` and a JSON ``summary``."""
+    import json
+
+    from modiff.fetch import file_digest
+    from modiff.io import write_json
+    from modiff.runtime import configure_process
+
+    if classifier:
+        from modiff.classifier import train_classifier
+
+        _, result = train_classifier(seed=params.seed, out=Path(out))
+    else:
+        preset = params.preset_layout()
+        if "training" not in preset:
+            raise ValueError(f"preset {params.preset} has no 'training' section: nothing to train")
+        configure_process(params.threads)
+        _, result = train_diffusion(preset, out)
+        result["sha256"] = file_digest(out, "sha256")
+        log.info("set presets.%s.checkpoint.sha256 to %s", params.preset, result["sha256"])
+    if summary:
+        write_json(result, summary)
+    print(json.dumps(result, indent=2, default=str))

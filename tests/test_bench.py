@@ -6,26 +6,33 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from modiff.bench import BenchCase, BenchSettings, time_variants, variants_by_name
+from modiff.bench import BenchCase, BenchSettings, bench_variants, time_variants
 from modiff.models import build_model
 
 
 def test_bench_times_fp32_int8_and_modiff_in_one_paired_run():
     case = BenchCase("tiny", tiny_config(), "random (timing only)")
-    variants = variants_by_name(["w8a8-native", "w8a8-native-modiff", "w8a4-simulated-dynamic"])
-    settings = BenchSettings(batch_sizes=[2], repetitions=2, steps=3, memory=False)
+    names = [
+        "qdiff-static-w8a8@native",
+        "modiff-static-w8a8@native",
+        "qdiff-dynamic-w8a4@simulated",
+    ]
+    variants = bench_variants(names)
+    settings = BenchSettings(batch_sizes=(2,), repetitions=2, steps=3, threads=2, memory=False)
     rows = time_variants(case, variants, settings)
     by_name = {r["variant"]: r for r in rows}
-    assert set(by_name) == {"fp32", "w8a8-native", "w8a8-native-modiff", "w8a4-simulated-dynamic"}
+    assert set(by_name) == {"fp32", *names}
     assert by_name["fp32"]["speedup_vs_fp32"] == 1.0
     assert all(r["step_ms"] > 0 and len(r["step_ms_all"]) == 2 for r in rows)
-    assert by_name["w8a8-native-modiff"]["cache_mb_per_image"] > 0
-    assert by_name["w8a8-native"]["cache_mb_per_image"] == 0
+    assert by_name["modiff-static-w8a8@native"]["cache_mb_per_image"] > 0
+    assert by_name["qdiff-static-w8a8@native"]["cache_mb_per_image"] == 0
 
 
 def test_bad_bench_variant_name():
-    with pytest.raises(ValueError, match=r"w8a8-<native\|openvino\|simulated>"):
-        variants_by_name(["int8"])
+    with pytest.raises(ValueError, match="is not <grid variant name>@<backend>"):
+        bench_variants(["w8a8-native"])
+    with pytest.raises(ValueError, match="'int8' is not a variant name"):
+        bench_variants(["int8@native"])
 
 
 def _load_script(name: str):
@@ -78,26 +85,27 @@ def test_benchmark_of_the_pipeline_records_accuracy_and_skipped_peers(monkeypatc
             '"a_scale": "dynamic", "w_bits": 8, "a_bits": 8}}')  # fmt: skip
     params = load_params(ROOT / "params.yaml", [
         f"variants={grid}", "bench.batch_sizes=[2]", "bench.repetitions=1", "bench.steps=2",
-        "bench.cifar10=false", "bench.variants=[w8a8-native]", "bench.peers=[openvino]",
+        "bench.cifar10=false", "bench.variants=[qdiff-static-w8a8@native]",
+        "bench.peers=[openvino]",
         "presets.digits.calibration.cali_st=4", "presets.digits.sampling.steps=8",
     ])  # fmt: skip
     from modiff.calibration import collect_calibration
     from modiff.checkpoint import load_into
-    from modiff.config import preset_config
     from modiff.models import build_model
 
-    preset = preset_config(params)
+    preset = params.preset_layout()
     model = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").eval()
     calibration = collect_calibration(model, preset, cali_st=4, cali_n=10, seed=0, batch_size=10)
-    result = bench.run(params, calibration)
+    result = bench.run(params, Path("data/checkpoints/digits.ckpt"), calibration)
     assert result["peers"] == {"requested": ["openvino"], "skipped": {"openvino": "not here"}}
     assert [r["variant"] for r in result["rows"]] == ["fp32", "qdiff-dynamic-w8a8"]
     assert result["rows"][1]["schemes"]  # the native layers say which scheme they ran
     accuracy = {r["variant"]: r for r in result["accuracy"]}
-    assert set(accuracy) == {"w8a8-native", "w8a8-simulated"}
+    assert set(accuracy) == {"qdiff-static-w8a8@native", "qdiff-static-w8a8@simulated"}
     assert {r["n_inputs"] for r in accuracy.values()} == {40}  # the calibration it was given
     native, simulated = (
-        accuracy[n]["eps_rel_rms_vs_fp32"] for n in ("w8a8-native", "w8a8-simulated")
+        accuracy[n]["eps_rel_rms_vs_fp32"]
+        for n in ("qdiff-static-w8a8@native", "qdiff-static-w8a8@simulated")
     )
     assert 0 < simulated < 0.5 and abs(native - simulated) < 0.05 * simulated
     assert result["environment"]["cpu_isa"] and result["environment"]["int8_kernels"]
@@ -131,13 +139,16 @@ def test_fresh_process_returns_results_and_names_failures():
 @pytest.mark.slow
 def test_a_peer_crashing_in_the_accuracy_check_is_a_row_not_the_end(monkeypatch):
     from modiff import bench
+    from modiff.config import Bench
 
     case = BenchCase("tiny", tiny_config(), "random (timing only)")
     calibration = bench.timing_calibration(3, 8, n=8)
     crashing = {"crashing-int8": _CrashingEngine()}
     monkeypatch.setattr(bench, "peer_variants", lambda *args, **kwargs: crashing)
-    settings = {"variants": ["w8a8-native"], "peers": ["crashing"]}
+    settings = Bench(batch_sizes=(2,), repetitions=1, steps=2, cifar10=False,
+                     variants=("qdiff-static-w8a8@native",), peers=())  # fmt: skip
     rows = {r["variant"]: r for r in bench.int8_accuracy(case, settings, 2, "unused", calibration)}
-    assert set(rows) == {"w8a8-native", "w8a8-simulated", "crashing-int8"}
+    native, simulated = "qdiff-static-w8a8@native", "qdiff-static-w8a8@simulated"
+    assert set(rows) == {native, simulated, "crashing-int8"}
     assert "process died" in rows["crashing-int8"]["error"]
-    assert rows["w8a8-native"]["eps_rel_rms_vs_fp32"] > 0
+    assert rows[native]["eps_rel_rms_vs_fp32"] > 0

@@ -10,7 +10,7 @@ from modiff.calibration import (
     save_calibration,
 )
 from modiff.checkpoint import load_into
-from modiff.config import load_params, preset_config
+from modiff.config import load_params
 from modiff.models import build_model
 
 
@@ -24,7 +24,7 @@ def test_kept_steps_each_have_a_previous_step():
 
 @pytest.fixture(scope="module")
 def digits():
-    preset = preset_config(load_params(ROOT / "params.yaml"), "digits")
+    preset = load_params(ROOT / "params.yaml").preset_layout("digits")
     preset["sampling"]["steps"] = 10
     model = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").eval()
     return preset, model

@@ -11,10 +11,10 @@ from modiff.bench import (
     BenchCase,
     BenchSettings,
     _build,
+    bench_variants,
     peer_variants,
     time_variants,
     timing_calibration,
-    variants_by_name,
 )
 
 ONNX_ENGINES = ["onnxruntime", "openvino"]
@@ -36,13 +36,22 @@ def _calibration(case):
 @needs_peers
 def test_peers_are_timed_in_the_same_paired_run(case, tmp_path):
     variants = {
-        **variants_by_name(["w8a8-native"]),
+        **bench_variants(["qdiff-static-w8a8@native"]),
         **peer_variants(ONNX_ENGINES, str(tmp_path), 2, _calibration(case)),
     }
-    settings = BenchSettings(batch_sizes=[2, 3], repetitions=2, steps=3, memory=False)
+    settings = BenchSettings(
+        batch_sizes=(
+            2,
+            3,
+        ),
+        repetitions=2,
+        steps=3,
+        threads=2,
+        memory=False,
+    )
     rows = time_variants(case, variants, settings)
     names = {r["variant"] for r in rows}
-    assert names == {"fp32", "w8a8-native", "onnxruntime-fp32", "onnxruntime-int8",
+    assert names == {"fp32", "qdiff-static-w8a8@native", "onnxruntime-fp32", "onnxruntime-int8",
                      "openvino-fp32", "openvino-int8", "openvino-int8-same-layers"}  # fmt: skip
     assert all(len(r["step_ms_all"]) == 2 and r["speedup_vs_fp32"] > 0 for r in rows)
     assert {r["batch"] for r in rows} == {2, 3}  # one exported model serves every batch size

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from conftest import ROOT, run_in
 
+from modiff.codedeps import code_files
 from modiff.io import load_images
-from modiff.pipeline import STAGES, code_deps
+from modiff.pipeline import COMMANDS, STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -82,40 +83,73 @@ def imported_package_files(log: str) -> set[str]:
     return files
 
 
-def test_every_job_imports_only_its_code_deps(project):
-    """A job's inputs in Snakemake, and its stage's deps in dvc.yaml (both are code_deps of its
-    subcommand), hold every package module it imported while it ran."""
+# The command line's glue: it turns options into a call (and sets up logging), no stage's work.
+GLUE = {"modiff/cli.py", "modiff/pipeline.py", "modiff/codedeps.py", "modiff/errors.py",
+        "modiff/runtime.py"}  # fmt: skip
+
+
+def test_every_job_imports_only_its_code(project):
+    """Every package module a job imported while it ran is in its stage's code (the closure
+    whose fingerprint both tools track), or is the command line's glue."""
     jobs = dry_run_jobs(project, "--forceall", "-p")
     assert len(jobs) >= 20
     for job in jobs:
         imported = imported_package_files((project / job["log"]).read_text())
-        assert {"modiff/cli.py", "modiff/config.py"} <= imported or job["rule"] in {
-            "grid", "merge_samples"}, (job, sorted(imported))  # fmt: skip
+        assert {"modiff/cli.py", f"modiff/stages/{job['rule']}.py"} & imported, job
         command = {"sample_shard": "sample", "merge_samples": "merge"}.get(job["rule"])
-        command = command or STAGES[job["rule"]].command
-        assert imported <= job["inputs"], (job["rule"], sorted(imported - job["inputs"]))
-        unlisted = imported - set(code_deps(command))
+        stage = COMMANDS[command] if command else STAGES[job["rule"]]
+        unlisted = imported - GLUE - set(code_files(stage.module))
         assert not unlisted, (job["rule"], unlisted)
 
 
-def test_a_changed_module_reruns_the_stages_that_import_it(project):
-    data_py = project / "modiff/data.py"
-    text, stat = data_py.read_text(), data_py.stat()
-    data_py.write_text(text + "# changed\n")
-    try:
-        rules = {job["rule"] for job in dry_run_jobs(project)}
-    finally:
-        data_py.write_text(text)
-        os.utime(data_py, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert {"fid", "fid_damage", "gather", "report"} <= rules, rules  # fid reads data.py
-    assert not rules & {"calibrate", "sample_shard", "bench", "grid"}, rules
+def _params_changed(project: Path) -> set[str]:
+    """The rules Snakemake would rerun because their params (code fingerprint) changed."""
+    plan = snakemake(project, "-n", "results/report.md").stdout
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", plan)
+    return {re.match(r"(?:local)?rule (\w+):", b).group(1) for b in blocks
+            if re.match(r"(?:local)?rule \w+:", b) and "Params have changed" in b}  # fmt: skip
+
+
+def _edited(path: Path, old: str, new: str):
+    """``path`` with ``old`` replaced by ``new`` while the block runs (then as it was)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def edit():
+        text, stat = path.read_text(), path.stat()
+        assert old in text, old
+        path.write_text(text.replace(old, new, 1))
+        try:
+            yield
+        finally:
+            path.write_text(text)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    return edit()
+
+
+def test_a_docstring_or_comment_edit_reruns_nothing(project):
+    layers = project / "modiff/quant/layers.py"
+    with _edited(layers, '"""', '"""Reworded. '), _edited(layers, "\n\n", "\n\n# note\n"):
+        plan = snakemake(project, "-n", "results/report.md")
+    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout[-2000:]
+
+
+def test_a_changed_constant_reruns_exactly_the_stages_that_import_it(project):
+    metrics = project / "modiff/metrics.py"
+    importing = {name for name, stage in STAGES.items()
+                 if "modiff/metrics.py" in code_files(stage.module)}  # fmt: skip
+    assert importing == {"fid", "fid_damage"}  # the stages scoring samples
+    with _edited(metrics, "FID_CACHE = ", "UNUSED = 1\nFID_CACHE = "):
+        assert _params_changed(project) == importing
 
 
 def test_merged_shards_equal_one_unsharded_run(project):
     name = "modiff-dynamic-w8a4"  # per-tensor dynamic scales: batch composition matters
     merged, _ = load_images(project / f"results/samples/{name}.npz")
     whole = run_in(project, "modiff", "sample", "--variant", name, "--qparams",
-                f"data/quant/{name}.pt", "--out", "whole.npz")  # fmt: skip
+                   f"data/quant/{name}.pt", "--ckpt", "data/checkpoints/digits.ckpt",
+                   "--samples", "whole.npz")  # fmt: skip
     assert whole.returncode == 0, whole.stderr[-2000:]
     unsharded, _ = load_images(project / "whole.npz")
     np.testing.assert_array_equal(merged, unsharded)
@@ -146,7 +180,8 @@ def test_an_interrupted_run_resumes_with_the_missing_shard_only(project):
 def test_calibration_reruns_to_the_same_bytes(project):
     name = "qdiff-static-w8a8"
     again = run_in(project, "modiff", "calibrate", "--variant", name, "--calib",
-                "data/calibration/digits.pt", "--out", "again.pt")  # fmt: skip
+                   "data/calibration/digits.pt", "--ckpt", "data/checkpoints/digits.ckpt",
+                   "--qparams", "again.pt")  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert (project / "again.pt").read_bytes() == (project / f"data/quant/{name}.pt").read_bytes()
 

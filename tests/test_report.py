@@ -5,9 +5,10 @@ import json
 
 from conftest import ROOT
 
-from modiff.config import load_params, preset_config
+from modiff.config import load_params
 from modiff.report import format_schemes, write_report
 
+NATIVE = "qdiff-static-w8a8@native"
 SAT = {"cpu_isa": "avx2", "onednn_max_cpu_isa": None, "int8_kernels": "saturating (int16 pairs)"}
 
 
@@ -23,7 +24,7 @@ def _bench(peers, accuracy):
     row = {"model": "cifar10", "weights": "random (timing only)", "batch": 16, "step_ms": 100.0,
            "images_per_s": 160.0, "speedup_vs_fp32": 1.0, "schemes": {}}  # fmt: skip
     rows = [{**row, "variant": "fp32"},
-            {**row, "variant": "w8a8-native", "schemes": {"split": 125}, "speedup_vs_fp32": 0.7},
+            {**row, "variant": NATIVE, "schemes": {"split": 125}, "speedup_vs_fp32": 0.7},
             {**row, "variant": "openvino-int8", "speedup_vs_fp32": 1.7}]  # fmt: skip
     env = {"torch": "2.14.1", "cpu": "AMD EPYC", "threads": 2, "quantized_engine": "x86", **SAT}
     return {"environment": env, "peers": peers, "rows": rows, "accuracy": accuracy}
@@ -36,7 +37,7 @@ def _report(tmp_path, bench, records):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(data))
     out = tmp_path / "report.md"
-    write_report(params, preset_config(params), str(files["records"]), "plot.png", [],
+    write_report(params, str(files["records"]), "plot.png", [],
                  str(files["bench"]), [], out)  # fmt: skip
     return out.read_text()
 
@@ -49,7 +50,7 @@ def test_report_names_the_cpu_schemes_peers_and_accuracy(tmp_path):
         _record("qdiff-static-w8a4", "qdiff", "simulated", {"cpu_isa": "avx2"}, device="cuda",
                 a_scale="static", w_bits=8, a_bits=4),
     ]  # fmt: skip
-    accuracy = [{"variant": "w8a8-native", "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.0831,
+    accuracy = [{"variant": NATIVE, "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.0831,
                  "eps_max_abs_vs_fp32": 1.03},
                 {"variant": "openvino-int8", "n_inputs": 260, "eps_rel_rms_vs_fp32": 0.3687,
                  "eps_max_abs_vs_fp32": 1.75},

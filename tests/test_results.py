@@ -9,9 +9,11 @@ from conftest import ROOT
 
 from modiff.cli import main
 from modiff.io import load_images, save_images
-from modiff.results import add_noise, fid_record, gather, merge_shards, plot_points, summary
+from modiff.records import FidRecord, SampleMeta, VariantRecord
+from modiff.results import add_noise, gather, merge_shards, plot_points, summary
 
-SETTINGS = {"variant": "fp32", "sampling": {"steps": 10}, "seed": 0}
+SETTINGS = {"variant": "fp32", "preset": "digits", "method": "fp32", "quant": None, "seed": 0,
+            "sampling": {"steps": 10}, "device": "cpu", "threads": 2}  # fmt: skip
 AVX2 = {"cpu_isa": "avx2"}
 
 
@@ -28,14 +30,16 @@ def test_shards_merge_in_index_order_whatever_order_they_are_given(tmp_path):
     images, meta = merge_shards(paths)
     assert images.shape == (9, 8, 8, 1)
     assert [int(i[0, 0, 0]) for i in images] == [0] * 4 + [4] * 2 + [6] * 3
-    assert meta["indices"] == [0, 9] and meta["shards"] == 3 and meta["kernels"] == AVX2
-    assert meta["sampling"] == SETTINGS["sampling"]
+    assert meta.indices == [0, 9] and meta.shards == 3 and meta.kernels == AVX2
+    assert meta.sampling == SETTINGS["sampling"]
+    # The merged file's metadata: the shards' shared settings, then the merged range.
+    assert list(meta.to_json()) == [*SETTINGS, "indices", "shards", "kernels"]
 
 
 def test_shards_from_other_cpus_merge_and_say_so(tmp_path):
     vnni = {"cpu_isa": "avx512_vnni"}
     _, meta = merge_shards([_shard(tmp_path, 0, 2), _shard(tmp_path, 2, 4, kernels=vnni)])
-    assert meta["kernels"] == [AVX2, vnni]
+    assert meta.kernels == [AVX2, vnni]
 
 
 @pytest.mark.parametrize(
@@ -57,7 +61,7 @@ def test_shards_sampled_with_other_settings_are_refused(tmp_path):
 
 def test_merge_command_writes_the_merged_file(tmp_path):
     paths = [str(_shard(tmp_path, 2, 4)), str(_shard(tmp_path, 0, 2))]
-    assert main(["merge", "--shards", *paths, "--out", str(tmp_path / "all.npz")]) == 0
+    assert main(["merge", "--shards", *paths, "--samples", str(tmp_path / "all.npz")]) == 0
     images, meta = load_images(tmp_path / "all.npz")
     assert len(images) == 4 and meta["indices"] == [0, 4] and meta["shards"] == 2
 
@@ -74,10 +78,11 @@ def test_noise_is_seeded_scaled_and_stays_in_range():
 
 
 def test_damage_command_names_the_variant_and_sigma(tmp_path):
-    save_images(tmp_path / "fp32.npz", np.zeros((4, 8, 8, 1), np.uint8), **SETTINGS)
+    save_images(tmp_path / "fp32.npz", np.zeros((4, 8, 8, 1), np.uint8), **SETTINGS,
+                indices=[0, 4])  # fmt: skip
     out = tmp_path / "noisy.npz"
     args = ["damage", "--params", str(ROOT / "params.yaml"), "--samples",
-            str(tmp_path / "fp32.npz"), "--sigma", "0.05", "--out", str(out)]  # fmt: skip
+            str(tmp_path / "fp32.npz"), "--sigma", "0.05", "--damaged", str(out)]  # fmt: skip
     assert main(args) == 0
     images, meta = load_images(out)
     assert meta["variant"] == "fp32-noise0.05" and meta["noise_sigma"] == 0.05
@@ -87,7 +92,9 @@ def test_damage_command_names_the_variant_and_sigma(tmp_path):
 def test_gather_puts_fp32_first_and_takes_speed_from_the_preset_model(tmp_path):
     def metrics(name, method, **extra):
         record = {"variant": name, "method": method, "backend": "native", "n_samples": 40,
-                  "steps": 10, "fid": 1.5, "kid": 0.01, **extra}  # fmt: skip
+                  "steps": 10, "fid": 1.5, "kid": 0.01, "kid_std": 0.0, "reference": "digits",
+                  "feature_extractor": "digits-classifier", "samples": f"{name}.npz",
+                  "device": "cpu", "kernels": AVX2, **extra}  # fmt: skip
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
         return tmp_path / f"{name}.json"
 
@@ -108,8 +115,9 @@ def test_gather_puts_fp32_first_and_takes_speed_from_the_preset_model(tmp_path):
     rows.append({"model": "cifar10", "variant": "qdiff-static-w8a8", "batch": 64, "step_ms": 1.0,
                  "speedup_vs_fp32": 9.0, "cache_mb_per_image": 0.0})  # fmt: skip
     (tmp_path / "bench.json").write_text(json.dumps({"rows": rows}))
-    records = gather(files, tmp_path / "bench.json")
+    records = [r.to_json() for r in gather(files, tmp_path / "bench.json")]
     assert [r["variant"] for r in records] == ["fp32", "qdiff-static-w8a8"]
+    assert VariantRecord.from_json(records[1]).to_json() == records[1]
     fp32, int8 = records
     assert fp32["a_scale"] is None and fp32["w_bits"] == 32 and fp32["step_ms"] is None
     assert int8["bench_batch"] == 16 and int8["speedup_vs_fp32"] == 17.0  # largest batch, digits
@@ -122,14 +130,35 @@ def test_gather_puts_fp32_first_and_takes_speed_from_the_preset_model(tmp_path):
 
 
 def test_fid_record_says_what_made_the_samples():
-    scores = {"fid": 2.0, "kid": 0.02, "n_samples": 4}
-    quant = {"backend": "native", "w_bits": 8, "a_bits": 4, "a_scale": "dynamic", "warmup": "fp"}
-    meta = {"variant": "modiff-dynamic-w8a4", "method": "modiff", "quant": quant,
-            "sampling": {"steps": 10}, "device": "cpu", "kernels": AVX2}  # fmt: skip
-    record = fid_record(scores, "s.npz", meta, psnr_values=np.array([30.0, 40.0, np.inf, 20.0]))
+    scores = {"fid": 2.0, "kid": 0.02, "kid_std": 0.0, "n_samples": 4, "reference": "digits",
+              "feature_extractor": "digits-classifier"}  # fmt: skip
+    quant = {
+        "backend": "native",
+        "w_bits": 8,
+        "a_bits": 4,
+        "a_scale": "dynamic",
+        "warmup": "fp",
+        "a_granularity": "per_tensor",
+        "reconstruction": "none",
+        "learn_act_scales": False,
+    }
+    meta = SampleMeta(**{**SETTINGS, "variant": "modiff-dynamic-w8a4", "method": "modiff",
+                         "quant": quant, "indices": [0, 4], "kernels": AVX2})  # fmt: skip
+    psnr = np.array([30.0, 40.0, np.inf, 20.0])
+    record = FidRecord.from_scores(scores, "s.npz", meta, psnr).to_json()
     assert record["variant"] == "modiff-dynamic-w8a4" and record["backend"] == "native"
     assert (record["w_bits"], record["a_bits"], record["a_scale"]) == (8, 4, "dynamic")
     assert record["psnr_vs_fp32"] == 35.0 and record["psnr_vs_fp32_mean"] == 47.5  # inf: 100 dB
     assert record["kernels"] == AVX2 and record["steps"] == 10 and "warmup" not in record
-    fp32 = fid_record(scores, "results/samples/fp32.npz", {"sampling": {"steps": 10}}, None)
+    assert FidRecord.from_json(record).to_json() == record  # one JSON form, both ways
+    fp32_meta = SampleMeta(**SETTINGS, indices=[0, 4])
+    fp32 = FidRecord.from_scores(scores, "results/samples/fp32.npz", fp32_meta).to_json()
     assert fp32["variant"] == "fp32" and fp32["backend"] == "fp32" and "psnr_vs_fp32" not in fp32
+    assert "w_bits" not in fp32
+
+
+def test_samples_metadata_from_elsewhere_is_refused():
+    with pytest.raises(ValueError, match="missing keys \\['device'"):
+        SampleMeta.from_json(
+            {k: v for k, v in SETTINGS.items() if k != "device"} | {"indices": [0, 1]}
+        )

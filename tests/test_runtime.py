@@ -48,11 +48,23 @@ def test_sample_records_the_backend_that_ran(tmp_path, monkeypatch):
     """`modiff sample` takes device and backend from resolve_execution: where that says
     'simulated' (a GPU host), the samples' records say so, not the qparams file's 'native'."""
     ckpt = str(ROOT / "data/pretrained/digits_ddim.pt")
-    params = ["--params", str(ROOT / "params.yaml"), "-S", "presets.digits.sampling.steps=3",
-              "-S", "presets.digits.calibration.cali_st=2"]  # fmt: skip
+    params = [
+        "--params",
+        str(ROOT / "params.yaml"),
+        "-S",
+        "presets.digits.sampling.steps=3",
+        "-S",
+        "presets.digits.calibration.cali_st=2",
+        "-S",
+        "quant.backend=native",
+        "-S",
+        "presets.digits.sampling.n_samples=2",
+        "-S",
+        "presets.digits.sampling.shards=1",
+    ]
     qparams = tmp_path / "q.pt"
-    calibrate = ["calibrate", *params, "--calib", "unused", "--a-scale", "dynamic",
-                 "--backend", "native", "--checkpoint", ckpt, "--out", str(qparams)]  # fmt: skip
+    calibrate = ["calibrate", *params, "--variant", "qdiff-dynamic-w8a8", "--ckpt", ckpt,
+                 "--qparams", str(qparams)]  # fmt: skip
     assert main(calibrate) == 0
     chosen = []
 
@@ -62,8 +74,8 @@ def test_sample_records_the_backend_that_ran(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runtime, "resolve_execution", on_a_gpu_host)
     out = tmp_path / "s.npz"
-    sample = ["sample", *params, "--checkpoint", ckpt, "--qparams", str(qparams), "--n", "2"]
-    assert main([*sample, "--variant", "qdiff-dynamic-w8a8", "--out", str(out)]) == 0
+    sample = ["sample", *params, "--ckpt", ckpt, "--qparams", str(qparams)]
+    assert main([*sample, "--variant", "qdiff-dynamic-w8a8", "--samples", str(out)]) == 0
     _, meta = load_images(out)
     assert chosen == [("auto", "native")]
     assert meta["quant"]["backend"] == "simulated"

@@ -232,7 +232,11 @@ def _layer_config(config: QuantConfig, backend: str) -> QuantConfig:
     return dataclasses.replace(config, backend="simulated" if backend == "openvino" else backend)
 
 
-def _finish(model: nn.Module, config: QuantConfig, backend: str) -> nn.Module:
+def _finish(model: nn.Module, config: QuantConfig, backend: str, source: str) -> nn.Module:
+    """The quantized model as its backend runs it. ``source``: the fingerprint of the float
+    weights it was quantized from (:func:`weights_fingerprint`), kept on the torch model as
+    ``quantized_from`` for :func:`save_quant_params` to record and loading to check."""
+    model.quantized_from = source
     if backend != "openvino":
         return model
     return OpenVINOModel(model, dataclasses.replace(config, backend="openvino"))
@@ -262,6 +266,7 @@ def quantize_(
     names = list(target_layers(model, config))
     if not names:
         raise ValueError("the config selects no Conv2d/Linear layer of this model")
+    source = weights_fingerprint(model, names)
     splits = {n: input_split(model, n, config) for n in names}
     stats = {}
     if config.a_scale == "static":
@@ -279,7 +284,7 @@ def quantize_(
         from modiff.quant.reconstruction import reconstruct_
 
         reconstruct_(model, fp_model, config, calibration, seed=seed, device=device)
-    return _finish(model, final_config, backend)
+    return _finish(model, final_config, backend, source)
 
 
 def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
@@ -349,17 +354,18 @@ def weights_fingerprint(model: nn.Module, names: list[str]) -> str:
 def save_quant_params(
     model: nn.Module | None,
     config: QuantConfig | None,
-    fingerprint: str,
     dest: str | Path,
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Save a quantized model's parameters (config, layers, scales, zero points) as one file.
+    """Save a quantized model's parameters (config, layers, scales, zero points) as one file,
+    with the fingerprint of the float weights :func:`quantize_` made it from.
 
     ``model=None, config=None`` saves the FP32 reference's file: the model runs as it is.
     """
     layers: dict[str, dict[str, Any]] = {}
     if isinstance(model, OpenVINOModel):  # its parameters are those of the torch model inside
         model = model.model
+    fingerprint = "" if model is None else model.quantized_from
     for name, m in model.named_modules() if model is not None else ():
         if isinstance(m, SplitInputLayer):
             layers[name] = {"split": m.split, "parts": [_layer_state(p) for p in m.parts]}
@@ -433,7 +439,7 @@ def load_quantized(
                 act_zero_point=st.get("act_zero_point"),
             )
     apply_params(model, _layer_config(config, backend), params, splits)
-    return _finish(model, config, backend), config
+    return _finish(model, config, backend, fingerprint), config
 
 
 def _has_layer(model: nn.Module, name: str) -> bool:

@@ -7,13 +7,15 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
-from modiff.quant.quantizer import check_bits
+from modiff import choices
+from modiff.choices import AGranularity, AScale, Backend, Modulation, Reconstruction
 
-A_SCALES = ("static", "dynamic")
-BACKENDS = ("auto", "native", "openvino", "simulated")
-A_GRANULARITIES = ("per_tensor", "per_sample")
-MODULATIONS = ("none", "compensated", "uncompensated")
-RECONSTRUCTIONS = ("none", "layer", "block")
+# Allowed values (from modiff.choices, shared with params.yaml's settings).
+A_SCALES = choices.allowed(AScale)
+BACKENDS = choices.allowed(Backend)
+A_GRANULARITIES = choices.allowed(AGranularity)
+MODULATIONS = choices.allowed(Modulation)
+RECONSTRUCTIONS = choices.allowed(Reconstruction)
 
 
 @dataclass(frozen=True)
@@ -47,27 +49,27 @@ class QuantConfig:
       scale, on the calibration pairs) LSQ-style after the MSE initialisation.
     """
 
-    w_bits: int = 8
-    a_bits: int = 8
-    a_scale: str = "static"
-    backend: str = "native"
-    a_granularity: str = "per_tensor"
+    w_bits: int = choices.DEFAULT_BITS
+    a_bits: int = choices.DEFAULT_BITS
+    a_scale: AScale = choices.DEFAULT_A_SCALE
+    backend: Backend = "native"
+    a_granularity: AGranularity = choices.DEFAULT_A_GRANULARITY
     a_symmetric: bool = True
     w_symmetric: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     split_shortcut: bool = True
-    modulation: str = "none"
+    modulation: Modulation = "none"
     warmup: str = "fp"
     calib_batch_size: int = 256
     calib_max_values: int = 1 << 18  # values per layer input kept for the scale search
-    reconstruction: str = "none"
-    reconstruction_iters: int = 2000
+    reconstruction: Reconstruction = choices.DEFAULT_RECONSTRUCTION
+    reconstruction_iters: int = choices.DEFAULT_RECONSTRUCTION_ITERS
     learn_act_scales: bool = False
 
     def __post_init__(self) -> None:
-        check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
+        choices.check_bits(self.w_bits, "w_bits")
+        choices.check_bits(self.a_bits, "a_bits")
         _check_choice("a_scale", self.a_scale, A_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("a_granularity", self.a_granularity, A_GRANULARITIES)
@@ -76,13 +78,7 @@ class QuantConfig:
             raise ValueError("a_granularity 'per_sample' needs a_scale 'dynamic'")
         if self.a_granularity == "per_sample" and not self.a_symmetric:
             raise ValueError("a_granularity 'per_sample' needs a_symmetric (one zero point)")
-        mode, _, k = self.warmup.partition(":")
-        if not (
-            self.warmup in ("fp", "quantized") or (mode == "repeat" and k.isdigit() and int(k) > 0)
-        ):
-            raise ValueError(
-                f"warmup must be 'fp', 'quantized' or 'repeat:k' (k >= 1), got {self.warmup!r}"
-            )
+        choices.check_warmup(self.warmup)
         _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
         if not isinstance(self.reconstruction_iters, int) or self.reconstruction_iters < 0:
             raise ValueError(
@@ -130,24 +126,25 @@ class QuantConfig:
         iters = f" ({self.reconstruction_iters} iterations per unit)" if self.learns else ""
         return f"MSE scale search, {rounding}{steps}{iters}"
 
+    @classmethod
+    def from_variant(cls, variant: Any, quant: Any) -> QuantConfig:
+        """The config of a grid variant (:class:`modiff.config.Variant`), built as params'
+        ``quant`` section says (its backend and warm-up)."""
+        return cls(
+            w_bits=variant.w_bits,
+            a_bits=variant.a_bits,
+            a_scale=variant.a_scale,
+            backend=quant.backend,
+            a_granularity=variant.a_granularity,
+            warmup=quant.warmup,
+            modulation="compensated" if variant.method == "modiff" else "none",
+            reconstruction=variant.reconstruction,
+            reconstruction_iters=variant.reconstruction_iters,
+            learn_act_scales=variant.learn_act_scales,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_variant(cls, variant: dict[str, Any], quant: dict[str, Any]) -> QuantConfig:
-        """The config of a params.yaml ``variants`` entry, built as params' ``quant`` says."""
-        return cls(
-            w_bits=variant["w_bits"],
-            a_bits=variant["a_bits"],
-            a_scale=variant["a_scale"],
-            backend=quant["backend"],
-            a_granularity=variant.get("a_granularity", "per_tensor"),
-            modulation="compensated" if variant["method"] == "modiff" else "none",
-            warmup=quant["warmup"],
-            reconstruction=variant.get("reconstruction", "none"),
-            reconstruction_iters=variant.get("reconstruction_iters", cls.reconstruction_iters),
-            learn_act_scales=variant.get("learn_act_scales", False),
-        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:

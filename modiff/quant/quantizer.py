@@ -26,11 +26,6 @@ SEARCH_SHRINK = 0.01
 MIN_SCALE = 1e-8
 
 
-def check_bits(bits: int, what: str) -> None:
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{what} must be an integer from 2 to 8, got {bits!r}")
-
-
 def act_grid(bits: int, symmetric: bool) -> tuple[int, int]:
     """(qmin, qmax) of uint8 activation codes."""
     if symmetric:

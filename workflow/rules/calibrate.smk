@@ -6,6 +6,8 @@ rule calib_data:
         **outputs("calib_data"),
     params:
         settings=settings("calib_data"),
+        files=file_options("calib_data"),
+        code=code("calib_data"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -26,6 +28,8 @@ rule calibrate:
         **outputs("calibrate"),
     params:
         settings=settings("calibrate"),
+        files=file_options("calibrate"),
+        code=code("calibrate"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"

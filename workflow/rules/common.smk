@@ -1,33 +1,37 @@
 # How the stage table (modiff/pipeline.py, which dvc.yaml is generated from too) and the settings
-# (`config`: params.yaml plus --config/--configfile) become Snakemake jobs.
+# (`config`: params.yaml plus --config/--configfile, validated as modiff/config.py's typed
+# settings) become Snakemake jobs.
 import json
 import shlex
 
-from modiff.pipeline import MERGE, STAGES, Each, code_deps, params_key
+from modiff.config import parse_params
+from modiff.pipeline import COMMANDS, STAGES, AllOf, code_fingerprint, foreach_values, params_key
 
-PRESET = config["preset"]
-SAMPLING = config["presets"][PRESET]["sampling"]
-SHARDS = range(SAMPLING["shards"])
-# What a stage with `foreach` runs once per, and the wildcard naming it in paths.
-OVER = {
-    "variants": ("variant", list(config["variants"])),
-    "sigmas": ("sigma", [f"{s:g}" for s in config["damage_check"]["sigmas"]]),
+PARAMS = parse_params(config)  # every problem named before any job runs
+PRESET = PARAMS.preset
+SHARDS = range(PARAMS.selected.sampling.shards)
+# What a stage with `foreach` runs once per: the wildcard naming an item, and the items.
+FOREACH_ITEMS = {
+    foreach: (wildcard, foreach_values(foreach, list(PARAMS.variants), PARAMS.damage_check.sigmas))
+    for foreach, wildcard in (("variants", "variant"), ("sigmas", "sigma"))
 }
 
 
 def stage_of(name):
-    return MERGE if name == "merge" else STAGES[name]
+    """A stage of the table by its rule name, or by its command (merge, Snakemake's own)."""
+    return STAGES.get(name) or COMMANDS[name]
 
 
-def lookup(key):
+def setting_value(key):
+    """The value of a dotted params key in `config` (as given: what DVC compares too)."""
     node = config
     for part in key.split("."):
         node = node[part]
     return node
 
 
-def _fill(text, wildcards):
-    """A table path or settings key for one job (its preset and wildcards)."""
+def job_text(text, wildcards):
+    """A table path or settings key for one job (its preset and wildcards filled in)."""
     return params_key(text).format(preset=PRESET, **dict(wildcards.items()))
 
 
@@ -39,25 +43,29 @@ def settings(stage):
 
     def job(wildcards):
         keys = stage_of(stage).settings_for(wildcards.get("variant"))
-        values = ((k, lookup(k)) for k in (_fill(k, wildcards) for k in keys))
+        values = ((k, setting_value(k)) for k in (job_text(k, wildcards) for k in keys))
         return " ".join(f"-S {shlex.quote(k + '=' + json.dumps(v))}" for k, v in values)
 
     return job
 
 
+def code(stage):
+    """params: the fingerprint of the code the stage runs (modiff/codedeps.py), so that a change
+    to that code, and no docstring or comment, reruns it."""
+    return code_fingerprint(stage_of(stage))
+
+
 def inputs(stage):
-    """input (to unpack): the job's data files and its code, the package files its subcommand
-    can import (so a code change reruns exactly the affected stages)."""
+    """input (to unpack): the job's files."""
 
     def job(wildcards):
         files = {}
         for name, path in stage_of(stage).inputs_for(wildcards.get("variant")).items():
-            if isinstance(path, Each):
-                wildcard, values = OVER[path.over]
+            if isinstance(path, AllOf):
+                wildcard, values = FOREACH_ITEMS[path.foreach]
                 files[name] = expand(path.pattern, preset=PRESET, **{wildcard: values})
             else:
-                files[name] = _fill(path, wildcards)
-        files["code"] = list(code_deps(stage_of(stage).command))
+                files[name] = job_text(path, wildcards)
         return files
 
     return job
@@ -69,8 +77,26 @@ def outputs(stage, **reported):
     return {k: report(v, **reported[k]) if k in reported else v for k, v in files.items()}
 
 
+def file_options(stage):
+    """params: the job's `--<name> <file>` options, one per file of the stage table (an input
+    read over all variants or noise levels passes its pattern, which the stage expands)."""
+
+    def job(wildcards, input, output):
+        words = []
+        for option, kind, key in stage_of(stage).options(wildcards.get("variant")):
+            if kind == "wildcard":
+                value = wildcards[key]
+            elif kind == "input" and isinstance(stage_of(stage).inputs[key], AllOf):
+                value = stage_of(stage).inputs[key].pattern
+            else:
+                value = (input if kind == "input" else output)[key]
+            values = value if isinstance(value, list) else [value]
+            words += [option, *map(str, values)]
+        return shlex.join(words)
+
+    return job
+
+
 def command(stage, extra=""):
-    """shell: `modiff <command> <settings> <args>`, its output to the job's log."""
-    s = stage_of(stage)
-    args = s.args.replace("{variant}", "{wildcards.variant}").replace("{sigma}", "{wildcards.sigma}")
-    return f"modiff {s.command} {{params.settings}} {args} {extra} > {{log}} 2>&1"
+    """shell: `modiff <command> <settings> <files>`, its output to the job's log."""
+    return f"modiff {stage_of(stage).command} {{params.settings}} {{params.files}} {extra} > {{log}} 2>&1"

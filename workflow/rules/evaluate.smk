@@ -6,6 +6,8 @@ rule fid:
         **outputs("fid"),
     params:
         settings=settings("fid"),
+        files=file_options("fid"),
+        code=code("fid"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -25,6 +27,8 @@ rule fid_damage:
         **outputs("fid_damage"),
     params:
         settings=settings("fid_damage"),
+        files=file_options("fid_damage"),
+        code=code("fid_damage"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -45,6 +49,8 @@ rule grid:
                                     labels={"variant": "{variant}"})),
     params:
         settings=settings("grid"),
+        files=file_options("grid"),
+        code=code("grid"),
     conda:
         "../envs/modiff.yaml"
     log:
@@ -64,6 +70,8 @@ rule bench:
         **outputs("bench"),
     params:
         settings=settings("bench"),
+        files=file_options("bench"),
+        code=code("bench"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"

@@ -6,6 +6,8 @@ rule fetch_checkpoint:
         **outputs("fetch_checkpoint"),
     params:
         settings=settings("fetch_checkpoint"),
+        files=file_options("fetch_checkpoint"),
+        code=code("fetch_checkpoint"),
     conda:
         "../envs/modiff.yaml"
     log:

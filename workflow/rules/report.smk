@@ -6,6 +6,8 @@ rule gather:
         **outputs("gather", plot=dict(category="Plots", caption="../report/fid_vs_abits.rst")),
     params:
         settings=settings("gather"),
+        files=file_options("gather"),
+        code=code("gather"),
     conda:
         "../envs/modiff.yaml"
     log:
@@ -24,6 +26,8 @@ rule report:
         **outputs("report"),
     params:
         settings=settings("report"),
+        files=file_options("report"),
+        code=code("report"),
     conda:
         "../envs/modiff.yaml"
     log:

@@ -10,6 +10,8 @@ rule sample_shard:
         samples=temp("results/samples/{variant}/shard-{shard}.npz"),
     params:
         settings=settings("sample"),
+        files=file_options("sample"),
+        code=code("sample"),
     threads: config["threads"]
     conda:
         "../envs/modiff.yaml"
@@ -24,12 +26,13 @@ rule sample_shard:
 rule merge_samples:
     """All shards of a variant in one .npz (bit-identical to one unsharded run)."""
     input:
-        unpack(inputs("merge")),
         shards=expand("results/samples/{{variant}}/shard-{shard}.npz", shard=SHARDS),
     output:
         **outputs("sample"),
     params:
         settings=settings("merge"),
+        files=file_options("merge"),
+        code=code("merge"),
     conda:
         "../envs/modiff.yaml"
     log:
@@ -48,6 +51,8 @@ rule damage:
         **outputs("damage"),
     params:
         settings=settings("damage"),
+        files=file_options("damage"),
+        code=code("damage"),
     conda:
         "../envs/modiff.yaml"
     log:

@@ -1,0 +1,15 @@
+"""The pipeline's stages, one module each, named as ``modiff <command>`` names them.
+
+Each module's ``run`` function takes the typed settings (:class:`modiff.config.Params`, when it
+reads any) and the stage's files as keyword arguments named as in the stage table
+(:data:`modiff.pipeline.STAGES`). Its code deps are the module's import closure, so a module
+imports only what its stage runs.
+"""
+
+from __future__ import annotations
+
+
+def expand(pattern: str, values: list[str]) -> list[str]:
+    """The files of an input read together: ``pattern`` with its one wildcard (``{variant}`` or
+    ``{sigma}``) set to each value, as the stage table passes it."""
+    return [pattern.format_map({"variant": value, "sigma": value}) for value in values]
