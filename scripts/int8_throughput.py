@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modiff.bench import BenchCase, BenchSettings, _build, time_variants, variants_by_name
-from modiff.config import load_params, preset_config
+from modiff.bench import BenchCase, BenchSettings, _build, bench_variants, time_variants
+from modiff.config import load_params
 from modiff.quant import kernels
 from modiff.runtime import configure_process
 
@@ -162,19 +162,20 @@ def _kernel_ms(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> floa
     return sum(e.self_cpu_time_total for e in events if e.key.startswith(INT8_KERNELS)) / 1e3
 
 
-def unet_bound(batch: int, repetitions: int) -> list[dict]:
+def unet_bound(batch: int, repetitions: int, threads: int) -> list[dict]:
     """Paired step times of FP32, plain W8A8 and MoDiff on the CIFAR-10 UNet, and each INT8
     step's time inside the integer kernels."""
-    config = preset_config(load_params("params.yaml"), "cifar10")
+    config = load_params("params.yaml").preset_layout("cifar10")
     case = BenchCase("cifar10", config, "random (timing only)")
-    names = ["w8a8-native", "w8a8-native-modiff"]
-    settings = BenchSettings(batch_sizes=[batch], repetitions=repetitions, steps=3, memory=False)
-    rows = time_variants(case, variants_by_name(names), settings)
+    names = ["qdiff-static-w8a8@native", "modiff-static-w8a8@native"]
+    settings = BenchSettings(batch_sizes=(batch,), repetitions=repetitions, steps=3,
+                             threads=threads, memory=False)  # fmt: skip
+    rows = time_variants(case, bench_variants(names), settings)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     t = torch.full((batch,), 500.0)
     for row in rows:
         if row["variant"] in names:
-            model = variants_by_name([row["variant"]])[row["variant"]](_build(case))
+            model = bench_variants([row["variant"]])[row["variant"]](_build(case))
             row["kernel_ms"] = _kernel_ms(model, x, t)
     return rows
 
@@ -186,7 +187,8 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true", help="also time instructions")
     parser.add_argument("--unet", action="store_true", help="also bound the whole UNet's speedup")
     args = parser.parse_args()
-    configure_process(load_params("params.yaml")["threads"])
+    threads = load_params("params.yaml").threads
+    configure_process(threads)
     probe = kernels.probe()
     isa = kernels.isa_record()
     print(f"CPU ISA {isa['cpu_isa']} (oneDNN cap: {isa['onednn_max_cpu_isa']}), "
@@ -208,7 +210,7 @@ def main() -> None:
             for name, rate in rates.items():
                 print(f"| {name} | {rate:.1f} | {rate / fma:.2f} |")
     if args.unet:
-        rows = unet_bound(args.batch, max(3, args.repetitions // 3))
+        rows = unet_bound(args.batch, max(3, args.repetitions // 3), threads)
         fp32 = next(r["step_ms"] for r in rows if r["variant"] == "fp32")
         print(f"\nCIFAR-10 UNet, batch {args.batch}, per DDIM step (FP32 {fp32:.1f} ms)")
         print("| variant (schemes) | step ms (x FP32) | int8 kernels ms | bound: FP32 / kernels |")

@@ -18,18 +18,18 @@ import time
 
 import torch
 
-from modiff.bench import BenchCase, BenchSettings, time_variants, variants_by_name
-from modiff.config import load_params, preset_config
+from modiff.bench import BenchCase, BenchSettings, bench_variants, time_variants
+from modiff.config import load_params
 from modiff.models import build_model
 from modiff.quant.layers import QuantLayer, reset_caches
 from modiff.runtime import configure_process
 
-PLAIN, MODIFF = "w8a8-native", "w8a8-native-modiff"
+PLAIN, MODIFF = "qdiff-static-w8a8@native", "modiff-static-w8a8@native"
 
 
 def extra_bytes_per_image(config: dict) -> tuple[float, float]:
     """(bytes MoDiff moves per image and step beyond plain INT8, bytes of the conv's copies)."""
-    model = variants_by_name([MODIFF])[MODIFF](build_model(config).eval())
+    model = bench_variants([MODIFF])[MODIFF](build_model(config).eval())
     with torch.inference_mode():  # one warm-up call at batch 1 fills every cache
         reset_caches(model)
         size = config["data"]["image_size"]
@@ -59,17 +59,15 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     args = parser.parse_args()
     params = load_params("params.yaml")  # its thread count, as the pipeline's benchmark uses
-    configure_process(params["threads"])
-    config = preset_config(params, "cifar10")
+    configure_process(params.threads)
+    config = params.preset_layout("cifar10")
 
     traffic, copies = extra_bytes_per_image(config)
     bandwidth = streaming_bandwidth()
-    settings = BenchSettings([args.batch], args.repetitions, steps=4, threads=params["threads"],
-                             memory=False)  # fmt: skip
+    settings = BenchSettings(batch_sizes=(args.batch,), repetitions=args.repetitions, steps=4,
+                             threads=params.threads, memory=False)  # fmt: skip
     case = BenchCase("cifar10", config, "random (timing only)")
-    rows = {
-        r["variant"]: r for r in time_variants(case, variants_by_name([PLAIN, MODIFF]), settings)
-    }
+    rows = {r["variant"]: r for r in time_variants(case, bench_variants([PLAIN, MODIFF]), settings)}
     plain_ms, modiff_ms = rows[PLAIN]["step_ms"], rows[MODIFF]["step_ms"]
     floor_ms = plain_ms + args.batch * traffic / bandwidth * 1e3
     with_copies_ms = floor_ms + args.batch * copies / bandwidth * 1e3

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modiff.calibration import collect_calibration
-from modiff.checkpoint import load_into
-from modiff.config import load_params, preset_config
+from modiff.checkpoint import load_model
+from modiff.config import load_params
 from modiff.models import build_model
 from modiff.quant import QuantConfig, kernels, quantize_
 from modiff.quant.layers import LayerParams, QuantLayer, native_schemes
@@ -66,8 +66,9 @@ def kernel_errors() -> dict[str, float]:
 def model_ratios() -> dict[str, float]:
     """rms(native - simulated) / rms(simulated - fp32) on the digits model, W8A8."""
     params = load_params(ROOT / "params.yaml")
-    preset = preset_config(params, "digits")
-    state = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").state_dict()
+    preset = params.preset_layout("digits")
+    # the committed checkpoint (the preset's source), verified against params.yaml's digest
+    state = load_model(preset, ROOT / "data/pretrained/digits_ddim.pt").state_dict()
 
     def model() -> nn.Module:
         m = build_model(preset).eval()
@@ -97,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--direct", action="store_true", help="never split (the old behaviour)")
     args = parser.parse_args()
-    configure_process(load_params(ROOT / "params.yaml")["threads"])
+    configure_process(load_params(ROOT / "params.yaml").threads)
     if args.direct:
         kernels.needs_split = lambda *_: False
     isa = kernels.isa_record()

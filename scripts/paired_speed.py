@@ -18,7 +18,7 @@ import time
 import torch
 
 from modiff.bench import TIMING_CALIB_VALUES, timing_calibration
-from modiff.config import load_params, preset_config
+from modiff.config import load_params
 from modiff.models import build_model
 from modiff.peers import PeerVariant
 from modiff.quant import QuantConfig, quantize_, reset_caches
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = preset_config(load_params("params.yaml"), "cifar10")
+    config = load_params("params.yaml").preset_layout("cifar10")
     torch.manual_seed(0)
     fp32 = build_model(config).eval()
     calibration = timing_calibration(3, 32)
