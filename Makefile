@@ -10,7 +10,7 @@ export XDG_CACHE_HOME ?= $(CURDIR)/.cache
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup report full-table adopt-dvc dvc-yaml test lint clean
+.PHONY: setup report full-table adopt-dvc generate test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,8 @@ full-table: setup   # the paper's whole table on the digits preset (see workflow
 adopt-dvc: setup   # after dvc repro/pull/checkout: Snakemake takes DVC's checked outputs as done
 	bash workflow/scripts/adopt_dvc_outputs.sh results/report.md
 
-dvc-yaml: setup   # after editing the stage table, modiff/pipeline.py
-	$(BIN)/modiff dvc-yaml
+generate: setup   # after a code change: dvc.yaml, its code fingerprints, params.schema.json
+	$(BIN)/modiff generate
 
 test: setup
 	$(BIN)/ruff check modiff tests scripts

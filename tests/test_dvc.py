@@ -11,7 +11,8 @@ import yaml
 from conftest import copy_project, smoke_params
 
 from modiff.cli import main
-from modiff.pipeline import dvc_yaml
+from modiff.codedeps import code_files
+from modiff.pipeline import STAGES, generated_files
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +28,17 @@ def tool(project: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return result
 
 
-def test_dvc_yaml_is_generated_from_the_stage_table(tmp_path):
-    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: run `modiff dvc-yaml`"
+def test_generated_files_are_up_to_date(tmp_path):
+    for path, text in generated_files().items():
+        assert (ROOT / path).read_text() == text, f"{path} is stale: run `modiff generate`"
     # The check the CLI offers fails on a hand edit.
+    for path in generated_files():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text((ROOT / path).read_text())
+    assert main(["generate", "--check", "--root", str(tmp_path)]) == 0
     edited = tmp_path / "dvc.yaml"
-    edited.write_text(dvc_yaml().replace("modiff/fetch.py", "modiff/fetch.py\n    - extra", 1))
-    assert main(["dvc-yaml", "--check", "--out", str(edited)]) == 2
+    edited.write_text(edited.read_text().replace("deps:", "deps:\n    - extra", 1))
+    assert main(["generate", "--check", "--root", str(tmp_path)]) == 2
 
 
 def test_every_variant_stage_sees_only_its_own_grid_entry(project):
@@ -66,61 +72,125 @@ def project(tmp_path_factory) -> Path:
     return dest
 
 
-@pytest.mark.slow
-def test_dvc_repro_then_snakemake_adopts_and_survives_push_pull(project, tmp_path):
-    tool(project, "dvc", "repro")
-    records = yaml.safe_load((project / "results/metrics.json").read_text())
-    assert [r["variant"] for r in records] == ["fp32", "modiff-dynamic-w8a4"]
-    assert "up to date" in tool(project, "dvc", "status").stdout
-    assert "didn't change" in tool(project, "dvc", "repro").stdout
-    shown = tool(project, "dvc", "metrics", "show").stdout
-    assert "modiff-dynamic-w8a4.fid" in shown or "modiff-dynamic-w8a4" in shown
-    tool(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
-    assert (tmp_path / "plots" / "index.html").is_file()
+def _commit(project: Path, message: str) -> None:
     tool(project, "git", "add", "-A")
-    tool(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock")
+    tool(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
 
-    # A changed package module makes stale exactly the stages whose subcommand imports it.
-    data_py = project / "modiff/data.py"
-    data_py.write_text(data_py.read_text() + "# changed\n")
-    stale = set(re.findall(r"^(\w+)@?[\w.-]*:", tool(project, "dvc", "status").stdout, re.M))
-    tool(project, "git", "checkout", "--", "modiff/data.py")
-    assert stale == {"fid", "fid_damage"}, stale  # the stages reading reference images
+
+def _restore(project: Path, *paths: str) -> None:
+    """``paths`` as committed, and DVC's outputs as dvc.lock says: the state every test of the
+    reproduced project starts from."""
+    tool(project, "git", "checkout", "--", *paths)
+    tool(project, "dvc", "checkout", "--force")
     assert "up to date" in tool(project, "dvc", "status").stdout
 
-    # An experiment with one setting changed reruns only what depends on it.
-    exp = tool(project, "dvc", "exp", "run", "-S", "bench.repetitions=1").stdout
-    assert "Running stage 'bench'" in exp and "Running stage 'sample" not in exp
-    assert "bench.repetitions" in tool(project, "dvc", "exp", "show", "--csv").stdout
-    tool(project, "git", "checkout", "--", "params.yaml", "dvc.lock")
-    tool(project, "dvc", "checkout", "--force")
-    # The same change by hand: `dvc params diff` and `dvc metrics diff` against HEAD.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["bench"]["repetitions"] = 1
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "bench.repetitions" in tool(project, "dvc", "params", "diff").stdout
+
+def _stale(project: Path) -> set[str]:
+    """The stages `dvc status` reports changed (a foreach stage once)."""
+    return set(re.findall(r"^(\w+)@?[\w.-]*:", tool(project, "dvc", "status").stdout, re.M))
+
+
+@pytest.fixture(scope="module")
+def reproduced(project) -> Path:
+    """The project after `dvc repro`, its dvc.lock committed."""
     tool(project, "dvc", "repro")
-    assert "summary.json" in tool(project, "dvc", "metrics", "diff").stdout
-    tool(project, "git", "checkout", "--", "params.yaml", "dvc.lock")
-    tool(project, "dvc", "checkout", "--force")
-    assert "up to date" in tool(project, "dvc", "status").stdout
+    _commit(project, "lock")
+    return project
 
-    # Snakemake adopts DVC's outputs once DVC has vouched for them: nothing to redo after that.
-    bench_edit = yaml.safe_load((project / "params.yaml").read_text())
+
+@pytest.mark.slow
+def test_repro_makes_every_output_and_then_has_nothing_to_do(reproduced):
+    records = yaml.safe_load((reproduced / "results/metrics.json").read_text())
+    assert [r["variant"] for r in records] == ["fp32", "modiff-dynamic-w8a4"]
+    assert "up to date" in tool(reproduced, "dvc", "status").stdout
+    assert "didn't change" in tool(reproduced, "dvc", "repro").stdout
+
+
+@pytest.mark.slow
+def test_metrics_and_plots_show(reproduced, tmp_path):
+    shown = tool(reproduced, "dvc", "metrics", "show").stdout
+    assert "modiff-dynamic-w8a4.fid" in shown or "modiff-dynamic-w8a4" in shown
+    tool(reproduced, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    assert (tmp_path / "plots" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_docstring_or_comment_edit_leaves_nothing_to_do(reproduced):
+    layers = reproduced / "modiff/quant/layers.py"
+    text = layers.read_text()
+    layers.write_text(text.replace('"""', '"""Reworded. ', 1).replace("\n\n", "\n\n# note\n", 1))
+    tool(reproduced, "modiff", "generate")  # after any code edit, as the docs say
+    try:
+        assert tool(reproduced, "git", "status", "--short").stdout.split() == [
+            "M", "modiff/quant/layers.py"]  # fmt: skip
+        assert "up to date" in tool(reproduced, "dvc", "status").stdout
+    finally:
+        _restore(reproduced, "modiff/quant/layers.py")
+
+
+@pytest.mark.slow
+def test_a_changed_constant_makes_exactly_the_stages_that_import_it_stale(reproduced):
+    metrics = reproduced / "modiff/metrics.py"
+    metrics.write_text(metrics.read_text().replace("FID_CACHE = ", "UNUSED = 1\nFID_CACHE = ", 1))
+    tool(reproduced, "modiff", "generate")
+    try:
+        importing = {name for name, stage in STAGES.items()
+                     if "modiff/metrics.py" in code_files(stage.module)}  # fmt: skip
+        assert importing == {"fid", "fid_damage"}
+        assert _stale(reproduced) == importing
+    finally:
+        _restore(reproduced, "modiff/metrics.py", "workflow/code_fingerprints.yaml")
+
+
+@pytest.mark.slow
+def test_an_experiment_reruns_only_what_its_setting_affects(reproduced):
+    exp = tool(reproduced, "dvc", "exp", "run", "-S", "bench.repetitions=1").stdout
+    try:
+        assert "Running stage 'bench'" in exp and "Running stage 'sample" not in exp
+        assert "bench.repetitions" in tool(reproduced, "dvc", "exp", "show", "--csv").stdout
+    finally:
+        _restore(reproduced, "params.yaml", "dvc.lock")
+
+
+@pytest.mark.slow
+def test_params_and_metrics_diff_against_head(reproduced):
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    params["bench"]["repetitions"] = 1
+    (reproduced / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "bench.repetitions" in tool(reproduced, "dvc", "params", "diff").stdout
+        tool(reproduced, "dvc", "repro")
+        assert "summary.json" in tool(reproduced, "dvc", "metrics", "diff").stdout
+    finally:
+        _restore(reproduced, "params.yaml", "dvc.lock")
+
+
+@pytest.mark.slow
+def test_snakemake_adopts_dvc_outputs_and_reruns_only_what_a_setting_affects(reproduced):
+    bench_edit = yaml.safe_load((reproduced / "params.yaml").read_text())
     bench_edit["bench"]["repetitions"] = 1
-    (project / "params.yaml").write_text(yaml.safe_dump(bench_edit, sort_keys=False))
-    refused = tool(project, "bash", "workflow/scripts/adopt_dvc_outputs.sh", check=False)
-    assert refused.returncode == 1 and "run 'dvc repro'" in refused.stderr, refused.stderr
-    tool(project, "git", "checkout", "--", "params.yaml")
-    adopted = tool(project, "bash", "workflow/scripts/adopt_dvc_outputs.sh").stdout
-    assert "Nothing to be done" in adopted, adopted[-2000:]
-    # Its records hold the settings: a changed setting reruns what it affects, and no more.
-    (project / "params.yaml").write_text(yaml.safe_dump(bench_edit, sort_keys=False))
-    plan = tool(project, "snakemake", "-n", "results/report.md").stdout
-    assert re.search(r"^bench\s+1$", plan, re.M) and "sample_shard" not in plan, plan[-2000:]
-    tool(project, "git", "checkout", "--", "params.yaml")
+    try:
+        # Not while DVC's outputs are stale for the settings.
+        (reproduced / "params.yaml").write_text(yaml.safe_dump(bench_edit, sort_keys=False))
+        refused = tool(reproduced, "bash", "workflow/scripts/adopt_dvc_outputs.sh", check=False)
+        assert refused.returncode == 1 and "run 'dvc repro'" in refused.stderr, refused.stderr
+        tool(reproduced, "git", "checkout", "--", "params.yaml")
+        adopted = tool(reproduced, "bash", "workflow/scripts/adopt_dvc_outputs.sh").stdout
+        assert "Nothing to be done" in adopted, adopted[-2000:]
+        # Its records hold the settings: a changed setting reruns what it affects, and no more.
+        (reproduced / "params.yaml").write_text(yaml.safe_dump(bench_edit, sort_keys=False))
+        plan = tool(reproduced, "snakemake", "-n", "results/report.md").stdout
+        assert re.search(r"^bench\s+1$", plan, re.M) and "sample_shard" not in plan, plan[-2000:]
+    finally:
+        _restore(reproduced, "params.yaml")
 
-    # A push/pull round trip: DVC restores the files with new times, in its own order.
+
+@pytest.mark.slow
+def test_a_push_pull_round_trip_restores_the_files_and_redoes_nothing(reproduced, tmp_path):
+    """DVC restores the files with new times, in its own order; Snakemake's records hold
+    checksums, so rewritten, unchanged files redo no work in either tool."""
+    project = reproduced
+    tool(project, "bash", "workflow/scripts/adopt_dvc_outputs.sh")  # Snakemake's records first
     tool(project, "dvc", "remote", "modify", "--local", "storage", "url", str(tmp_path / "remote"))
     outputs = sorted(
         p
@@ -141,7 +211,6 @@ def test_dvc_repro_then_snakemake_adopts_and_survives_push_pull(project, tmp_pat
     tool(project, "rm", "-rf", ".dvc/cache")
     tool(project, "dvc", "pull")
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in outputs} == digests
-    # Snakemake's records hold checksums: rewritten, unchanged files redo no work, in both tools.
     after = tool(project, "snakemake", "-n", "results/report.md").stdout
     assert "Nothing to be done" in after, after[-3000:]
     assert "up to date" in tool(project, "dvc", "status").stdout
