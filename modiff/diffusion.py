@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modiff.state import reset_caches
 from modiff.timesteps import timestep_sequence
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,10 @@ def ddim_sample(
     ``generator`` feeds the eta > 0 step noise: one generator for the batch, or one per image
     (the per-image streams that make sampling independent of batching). Noise is drawn on the
     CPU and moved to ``x_T``'s device. ``callback(i, t, x)`` sees each model input (used to
-    collect calibration data). Modulation caches of quantized layers are reset first.
+    collect calibration data). Every module of ``model`` that keeps state across steps (e.g. the
+    modulation caches of quantized layers) is reset first (:mod:`modiff.state`).
     """
-    from modiff.quant.layers import reset_caches
-
-    reset_caches(model)  # a new batch of trajectories: modulation caches start empty
+    reset_caches(model)  # a new batch of trajectories: state from the last one must go
     device = x_T.device
     betas = betas.to(device)
     n = x_T.shape[0]

@@ -25,6 +25,11 @@ from modiff.quant.quantizer import (
     symmetric_scale,
 )
 
+# The state protocol lives in modiff.state (the sampler uses it without importing quant); its
+# functions stay importable from here, where callers (modiff.bench, scripts) look for them.
+from modiff.state import cache_bytes as cache_bytes
+from modiff.state import reset_caches as reset_caches
+
 
 @dataclass
 class LayerParams:
@@ -400,15 +405,6 @@ class SplitInputLayer(nn.Module):
         return first(head) + second(tail)
 
 
-def reset_caches(model: nn.Module) -> None:
-    """Clear the modulation caches of ``model`` (a new trajectory): every submodule that keeps
-    state across steps says so by a ``reset_cache()`` method (quantized layers, compiled
-    models)."""
-    for m in model.modules():
-        if callable(getattr(m, "reset_cache", None)):
-            m.reset_cache()
-
-
 def native_schemes(model: nn.Module) -> dict[str, int]:
     """How many integer layer parts of ``model`` (native or openvino) run each scheme ("direct",
     "split")."""
@@ -433,9 +429,3 @@ def kernel_record(model: nn.Module) -> dict:
     if schemes and not engines:  # (no oneDNN probe for a model the engine runs)
         record.update(int8_kernels=kernels.probe().describe(), schemes=schemes)
     return record
-
-
-def cache_bytes(model: nn.Module) -> int:
-    """Bytes held by all modulation caches of ``model``."""
-    holders = [m for m in model.modules() if callable(getattr(m, "cache_bytes", None))]
-    return sum(m.cache_bytes() for m in holders)

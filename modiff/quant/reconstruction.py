@@ -32,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.layers import QuantLayer, SplitInputLayer, reset_caches
+from modiff.quant.layers import QuantLayer, SplitInputLayer
 from modiff.quant.quantizer import LP_NORM, weight_code_range
+from modiff.state import reset_caches
 
 log = logging.getLogger(__name__)
 
