@@ -41,6 +41,8 @@ from modiff.quant.quantizer import (
     search_weight_params,
     symmetric_scale,
 )
+from modiff.quant.reconstruction import reconstruct_
+from modiff.quant.surgery import declared_input_split, replace_submodule, split_by_input
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +59,11 @@ def target_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]
 
 
 def input_split(model: nn.Module, name: str, config: QuantConfig) -> int | None:
-    """Channel index splitting a layer's concatenated input, if the model declares one."""
-    if not config.split_shortcut or not name.endswith("nin_shortcut"):
+    """Channel index splitting the layer's input in two parts, where the model declares one
+    (:mod:`modiff.quant.surgery`) and ``config.split_shortcut`` asks for split parts."""
+    if not config.split_shortcut:
         return None
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return getattr(parent, "concat_split", None)
-
-
-def _parts(layer: nn.Module, split: int | None) -> list[nn.Module]:
-    """The layer, or for a split input its two halves as layers of their own."""
-    if split is None:
-        return [layer]
-    out = []
-    for i, sl in enumerate((slice(0, split), slice(split, None))):
-        part = nn.Conv2d(
-            layer.weight[:, sl].shape[1], layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, bias=(i == 0 and layer.bias is not None),
-        )  # fmt: skip
-        with torch.no_grad():
-            part.weight.copy_(layer.weight[:, sl])
-            if i == 0 and layer.bias is not None:
-                part.bias.copy_(layer.bias)
-        out.append(part)
-    return out
+    return declared_input_split(model.get_submodule(name))
 
 
 class _InputRecorder:
@@ -270,14 +254,12 @@ def quantize_(
     params = {}
     for name in tqdm(names, desc="quantize", leave=False):
         layer = model.get_submodule(name)
-        for i, part in enumerate(_parts(layer, splits[name])):
+        for i, part in enumerate(split_by_input(layer, splits[name])):
             key = name if splits[name] is None else f"{name}.part{i}"
             params[key] = make_layer_params(part, config, stats.get(key))
     fp_model = copy.deepcopy(model).eval() if config.learns else None
     apply_params(model, config, params, splits)
     if config.learns:
-        from modiff.quant.reconstruction import reconstruct_
-
         reconstruct_(model, fp_model, config, calibration, seed=seed, device=device)
     return _finish(model, final_config, backend)
 
@@ -310,21 +292,13 @@ def apply_params(
         if split is None:
             new = QuantLayer(layer, params[name], config)
         else:
-            parts = _parts(layer, split)
+            parts = split_by_input(layer, split)
             new = SplitInputLayer(
                 [QuantLayer(p, params[f"{name}.part{i}"], config) for i, p in enumerate(parts)],
                 split,
             )
-        _set_submodule(model, name, new)
+        replace_submodule(model, name, new)
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    if "." in name:
-        parent_name, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_name), child, new)
-    else:
-        setattr(model, name, new)
 
 
 # --- saved quantization parameters -------------------------------------------------------------
@@ -421,7 +395,7 @@ def load_quantized(
     for name, entry in layers.items():
         splits[name] = entry["split"]
         layer = model.get_submodule(name)
-        for i, part in enumerate(_parts(layer, entry["split"])):
+        for i, part in enumerate(split_by_input(layer, entry["split"])):
             key = name if entry["split"] is None else f"{name}.part{i}"
             st = entry["parts"][i]
             params[key] = LayerParams(

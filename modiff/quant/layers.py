@@ -384,10 +384,10 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 class SplitInputLayer(nn.Module):
-    """A layer whose input is cat([h, skip]) along channels, each part quantized on its own.
+    """A layer whose input is two parts joined along channels, each part quantized on its own.
 
     Runs one quantized layer per part on its input channels and sums the outputs (the bias
-    belongs to the first part only), exactly ``layer(cat([h, skip]))`` without quantization.
+    belongs to the first part only), exactly ``layer(x)`` without quantization.
     """
 
     def __init__(self, parts: list[QuantLayer], split: int):

@@ -1,7 +1,8 @@
 """Q-Diffusion's reconstruction (BRECQ/AdaRound) and LSQ-style learned activation step sizes.
 
 After the MSE initialisation of :func:`modiff.quant.api.quantize_`, each reconstruction unit (a
-quantized layer, or with ``reconstruction="block"`` a residual or attention block) is
+quantized layer, or with ``reconstruction="block"`` a block the model declares a unit,
+:mod:`modiff.quant.surgery`) is
 optimised in model order so that its output on cached calibration inputs matches the FP32
 model's (BRECQ's "asym" mode: inputs from the already-quantized model, targets from FP32):
 
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from modiff.quant.config import QuantConfig
 from modiff.quant.layers import QuantLayer, SplitInputLayer
 from modiff.quant.quantizer import LP_NORM, weight_code_range
+from modiff.quant.surgery import is_reconstruction_unit, replace_submodule, split_by_input
 from modiff.state import reset_caches
 
 log = logging.getLogger(__name__)
@@ -216,18 +218,17 @@ def reconstruction_units(
     model: nn.Module, granularity: str, xs: torch.Tensor, ts: torch.Tensor
 ) -> list[str]:
     """Names of the modules reconstructed one at a time, in the order the model runs them on
-    ``(xs, ts)``: quantized layers (a split layer is one unit), or for ``block`` the residual and
-    attention blocks, with the layers outside any block (conv_in, conv_out, time embedding,
-    resampling) on their own. Run order, not definition order: the UNet defines its up path
-    top-down but runs it bottom-up, and each unit must see its predecessors already learned."""
-    from modiff.models.unet import AttnBlock, ResnetBlock
-
-    blocks = (ResnetBlock, AttnBlock) if granularity == "block" else ()
+    ``(xs, ts)``: quantized layers (a split layer is one unit), or for ``block`` the modules the
+    model declares reconstruction units (:mod:`modiff.quant.surgery`), with the quantized layers
+    outside any of them on their own. Run order, not definition order: a model may define its
+    modules in another order than it runs them (e.g. an up path defined top-down and run
+    bottom-up), and each unit must see its predecessors already learned."""
+    blocks = granularity == "block"
     units: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(u + ".") for u in units):
             continue
-        if isinstance(m, blocks) or isinstance(m, SplitInputLayer | QuantLayer):
+        if (blocks and is_reconstruction_unit(m)) or isinstance(m, SplitInputLayer | QuantLayer):
             units.append(name)
     ran: list[str] = []
     handles = [model.get_submodule(u).register_forward_pre_hook(
@@ -244,12 +245,10 @@ def reconstruction_units(
 
 def _learned_layers(unit: nn.Module, fp_unit: nn.Module, rounding: bool, scales: bool) -> dict:
     """A LearnedLayer for each quantized layer of ``unit``, by its name in the unit."""
-    from modiff.quant.api import _parts
-
     found = {}
     for name, m in unit.named_modules():
         if isinstance(m, SplitInputLayer):
-            for i, part in enumerate(_parts(fp_unit.get_submodule(name), m.split)):
+            for i, part in enumerate(split_by_input(fp_unit.get_submodule(name), m.split)):
                 found[f"{name}.parts.{i}".lstrip(".")] = (m.parts[i], part.weight.detach())
         elif isinstance(m, QuantLayer) and ".parts." not in f".{name}.":
             found[name] = (m, fp_unit.get_submodule(name).weight.detach())
@@ -288,13 +287,11 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
 def _swap(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Put ``layers`` in place in ``unit`` (by name); returns what they replaced. In place, not on
     a copy: native layers hold packed weights that cannot be deep-copied."""
-    from modiff.quant.api import _set_submodule
-
     replaced = {}
     for name, layer in layers.items():
         if name:
             replaced[name] = unit.get_submodule(name)
-            _set_submodule(unit, name, layer)
+            replace_submodule(unit, name, layer)
     return replaced
 
 
