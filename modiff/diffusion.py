@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 def beta_schedule(config: dict[str, Any]) -> torch.Tensor:
     """Betas of ``config['diffusion']`` as float32 (computed in float64 as DDIM does)."""
-    d = config["diffusion"]
-    kind, start, end = d["beta_schedule"], float(d["beta_start"]), float(d["beta_end"])
-    n = int(d["num_diffusion_timesteps"])
+    diffusion = config["diffusion"]
+    kind = diffusion["beta_schedule"]
+    start, end = float(diffusion["beta_start"]), float(diffusion["beta_end"])
+    n = int(diffusion["num_diffusion_timesteps"])
     if kind == "linear":
         betas = np.linspace(start, end, n, dtype=np.float64)
     elif kind == "quad":
@@ -101,12 +102,12 @@ def ddim_sample(
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None):
     if generator is None or isinstance(generator, torch.Generator):
-        z = torch.randn(x.shape, generator=generator)
+        noise = torch.randn(x.shape, generator=generator)
     else:
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
-        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
-    return z.to(device=x.device, dtype=x.dtype)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
+    return noise.to(device=x.device, dtype=x.dtype)
 
 
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:

@@ -73,18 +73,18 @@ class _InputRecorder:
     def __init__(self, max_values: int, totals: dict[str, int], seed: int):
         self.max_values = max_values
         self.totals = totals
-        self.gen = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.stats: dict[str, dict[str, Any]] = {}
 
     def record(self, key: str, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1).cpu()
-        st = self.stats.setdefault(key, {"lo": float("inf"), "hi": float("-inf"), "sample": []})
-        st["lo"] = min(st["lo"], flat.min().item())
-        st["hi"] = max(st["hi"], flat.max().item())
+        stats = self.stats.setdefault(key, {"lo": float("inf"), "hi": float("-inf"), "sample": []})
+        stats["lo"] = min(stats["lo"], flat.min().item())
+        stats["hi"] = max(stats["hi"], flat.max().item())
         keep = max(1, round(self.max_values * flat.numel() / self.totals[key]))
         if keep < flat.numel():
-            flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.gen)]
-        st["sample"].append(flat.clone())
+            flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.generator)]
+        stats["sample"].append(flat.clone())
 
 
 class _SizeRecorder:
@@ -101,12 +101,12 @@ def _run_with_hooks(model, names, splits, recorder, batches) -> None:
         split = splits[name]
 
         def hook(_mod, args, name=name, split=split):
-            x = args[0]
+            layer_input = args[0]
             if split is None:
-                recorder.record(name, x)
+                recorder.record(name, layer_input)
             else:
-                recorder.record(f"{name}.part0", x[:, :split])
-                recorder.record(f"{name}.part1", x[:, split:])
+                recorder.record(f"{name}.part0", layer_input[:, :split])
+                recorder.record(f"{name}.part1", layer_input[:, split:])
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -153,14 +153,15 @@ def collect_inputs(
     _run_with_hooks(model, names, splits, sizes, [(xs[:1].to(device), ts[:1].to(device))])
     totals = {k: n * xs.shape[0] for k, n in sizes.numel.items()}
     recorder = _InputRecorder(config.calib_max_values, totals, seed)
-    bs = config.calib_batch_size
-    for i in tqdm(range(0, len(xs), bs), desc="calibrate", leave=False):
-        batch = [(xs[i : i + bs].to(device), ts[i : i + bs].to(device))]
+    batch_size = config.calib_batch_size
+    for start in tqdm(range(0, len(xs), batch_size), desc="calibrate", leave=False):
+        rows = slice(start, start + batch_size)
+        batch = [(xs[rows].to(device), ts[rows].to(device))]
         if config.modulation == "none":
             _run_with_hooks(model, names, splits, recorder, batch)
             continue
-        prev = [(calibration["xs_prev"][i : i + bs].to(device),
-                 calibration["ts_prev"][i : i + bs].to(device))]  # fmt: skip
+        prev = [(calibration["xs_prev"][rows].to(device),
+                 calibration["ts_prev"][rows].to(device))]  # fmt: skip
         residuals = _ResidualRecorder(recorder)
         _run_with_hooks(model, names, splits, residuals, prev)
         residuals.previous = residuals.current
@@ -216,7 +217,8 @@ def _layer_config(config: QuantConfig, backend: str) -> QuantConfig:
     return dataclasses.replace(config, backend="simulated" if backend == "openvino" else backend)
 
 
-def _finish(model: nn.Module, config: QuantConfig, backend: str) -> nn.Module:
+def _wrap_for_backend(model: nn.Module, config: QuantConfig, backend: str) -> nn.Module:
+    """``model``, or for backend openvino the compiled model around it."""
     if backend != "openvino":
         return model
     return OpenVINOModel(model, dataclasses.replace(config, backend="openvino"))
@@ -261,17 +263,17 @@ def quantize_(
     apply_params(model, config, params, splits)
     if config.learns:
         reconstruct_(model, fp_model, config, calibration, seed=seed, device=device)
-    return _finish(model, final_config, backend)
+    return _wrap_for_backend(model, final_config, backend)
 
 
 def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
-    w = layer.weight.detach().cpu()
-    w_scale, w_zp = search_weight_params(w, config.w_bits, config.symmetric_weights)
+    weight = layer.weight.detach().cpu()
+    w_scale, w_zp = search_weight_params(weight, config.w_bits, config.symmetric_weights)
     act_scale = act_zp = None
     if config.a_scale == "static":
         act_scale, act_zp = search_act_params(stats, config.a_bits, config.a_symmetric)
     return LayerParams(
-        weight_codes=quantize_weight(w, w_scale, w_zp, config.w_bits),
+        weight_codes=quantize_weight(weight, w_scale, w_zp, config.w_bits),
         weight_scale=w_scale,
         weight_zero_point=w_zp,
         bias=None if layer.bias is None else layer.bias.detach().cpu().float(),
@@ -397,17 +399,17 @@ def load_quantized(
         layer = model.get_submodule(name)
         for i, part in enumerate(split_by_input(layer, entry["split"])):
             key = name if entry["split"] is None else f"{name}.part{i}"
-            st = entry["parts"][i]
+            state = entry["parts"][i]
             params[key] = LayerParams(
-                weight_codes=st["weight_codes"],
-                weight_scale=st["weight_scale"],
-                weight_zero_point=st["weight_zero_point"],
+                weight_codes=state["weight_codes"],
+                weight_scale=state["weight_scale"],
+                weight_zero_point=state["weight_zero_point"],
                 bias=None if part.bias is None else part.bias.detach().cpu().float(),
-                act_scale=st.get("act_scale"),
-                act_zero_point=st.get("act_zero_point"),
+                act_scale=state.get("act_scale"),
+                act_zero_point=state.get("act_zero_point"),
             )
     apply_params(model, _layer_config(config, backend), params, splits)
-    return _finish(model, config, backend), config
+    return _wrap_for_backend(model, config, backend), config
 
 
 def _has_layer(model: nn.Module, name: str) -> bool:

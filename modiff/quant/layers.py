@@ -343,10 +343,11 @@ class QuantLayer(nn.Module):
             self._int_op_accumulate_(codes, float(scale), int(zp), accum)
 
     def _check_cache(self, x: torch.Tensor) -> None:
-        a = self.a_hat
-        if x.shape != a.shape or x.device != a.device or x.dtype != a.dtype:
+        cached = self.a_hat
+        if x.shape != cached.shape or x.device != cached.device or x.dtype != cached.dtype:
             raise RuntimeError(
-                f"modulation caches hold a batch of {tuple(a.shape)} {a.dtype} on {a.device}, "
+                f"modulation caches hold a batch of {tuple(cached.shape)} {cached.dtype} on "
+                f"{cached.device}, "
                 f"got {tuple(x.shape)} {x.dtype} on {x.device}; call "
                 "modiff.quant.reset_caches(model) before a new batch of trajectories"
             )
@@ -362,11 +363,12 @@ class QuantLayer(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
-        c = self.config
+        config = self.config
         kind = "conv" if self.is_conv else "linear"
-        mod = "" if c.modulation == "none" else f", modulation {c.modulation}"
-        backend = c.backend if self.scheme is None else f"{c.backend} ({self.scheme})"
-        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {backend}{mod}"
+        modulation = "" if config.modulation == "none" else f", modulation {config.modulation}"
+        backend = config.backend if self.scheme is None else f"{config.backend} ({self.scheme})"
+        bits = f"W{config.w_bits}A{config.a_bits}"
+        return f"{kind}, {bits}, {config.a_scale} activations, {backend}{modulation}"
 
 
 def _rows(t: torch.Tensor, channel_dim: int, in_place: bool = False) -> torch.Tensor:

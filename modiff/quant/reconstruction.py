@@ -147,12 +147,12 @@ class LearnedLayer(nn.Module):
         return (codes - zp) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.codes() * self.w_scale
+        weight = self.codes() * self.w_scale
         xq = self.quantize_input(x) if self.quantize_inputs else x
         bias = self.bias if self.use_bias else None
         if self.is_conv:
-            return F.conv2d(xq, w, bias, *self.conv_args)
-        return F.linear(xq, w, bias)
+            return F.conv2d(xq, weight, bias, *self.conv_args)
+        return F.linear(xq, weight, bias)
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -255,7 +255,7 @@ def _learned_layers(unit: nn.Module, fp_unit: nn.Module, rounding: bool, scales:
     return {n: LearnedLayer(q, w, rounding, scales) for n, (q, w) in found.items()}
 
 
-class _Stop(Exception):
+class _StopForward(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
@@ -265,7 +265,7 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
 
     def hook(_m, args, out):
         got.append(tuple(a.detach() for a in args) if what == "inputs" else out.detach())
-        raise _Stop
+        raise _StopForward
 
     handle = unit.register_forward_hook(hook)
     try:
@@ -274,7 +274,7 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
                 reset_caches(model)  # modulated layers: each batch a warm-up step
                 try:
                     model(xs[i : i + 256], ts[i : i + 256])
-                except _Stop:
+                except _StopForward:
                     pass
     finally:
         handle.remove()
@@ -284,7 +284,7 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
     return torch.cat(got)
 
 
-def _swap(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _swap_layers(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Put ``layers`` in place in ``unit`` (by name); returns what they replaced. In place, not on
     a copy: native layers hold packed weights that cannot be deep-copied."""
     replaced = {}
@@ -311,7 +311,7 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
     prev = None if prev is None else tuple(p.to(device) for p in prev)
     learned = _learned_layers(unit, fp_unit, rounding, not rounding)
     runner = learned.get("", unit)
-    originals = _swap(unit, learned)
+    originals = _swap_layers(unit, learned)
     home = next(iter(learned.values())).w_scale.device
     runner.to(device)  # only float modules now: the quantized layers are swapped out
     for m in learned.values():  # plain: activations quantized in every pass (QDrop's finding)
@@ -324,11 +324,11 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
         # MoDiff's first modulated step: a_prev is exact (FP warm-up), the residual quantized:
         # out = A(a_prev) + A(Q(a_t - a_prev)), with the bias once.
         (x,), (x_prev,) = batch, tuple(p[idx] for p in prev)
-        _set(learned, quantize_inputs=False)
+        _set_flags(learned, quantize_inputs=False)
         base = runner(x_prev)
-        _set(learned, quantize_inputs=True, use_bias=False)
+        _set_flags(learned, quantize_inputs=True, use_bias=False)
         out = base + runner(x - x_prev)
-        _set(learned, use_bias=True)
+        _set_flags(learned, use_bias=True)
         return out
 
     def loss_on_all() -> float:
@@ -337,9 +337,9 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
                         for idx in torch.arange(len(target)).split(256))  # fmt: skip
         return total / target.numel()
 
-    _set(learned, hard=True)  # the starting point: nearest rounding, MSE scales
+    _set_flags(learned, hard=True)  # the starting point: nearest rounding, MSE scales
     before = loss_on_all()
-    _set(learned, hard=False)
+    _set_flags(learned, hard=False)
     params = [p for m in learned.values() for p in (m.rounding, m.act_scale) if p is not None]
     if iters and params:
         _optimise(learned, output, target, params, iters, batches, kind)
@@ -348,12 +348,12 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
         log.warning("%s: %.0f%% of the rounding is undecided after %d iterations, so hard rounding "
                     "loses what it learned: raise reconstruction_iters", name,
                     100 * undecided / total, iters)  # fmt: skip
-    _set(learned, hard=True)
+    _set_flags(learned, hard=True)
     after = loss_on_all()
     for m in learned.values():
         m.commit()
     runner.to(home)
-    _swap(unit, originals)
+    _swap_layers(unit, originals)
     return before, after
 
 
@@ -378,7 +378,7 @@ def _optimise(learned, output, target, params, iters, batches, kind) -> None:
             schedule.step()
 
 
-def _set(learned: dict[str, LearnedLayer], **flags) -> None:
+def _set_flags(learned: dict[str, LearnedLayer], **flags) -> None:
     for m in learned.values():
         for k, v in flags.items():
             setattr(m, k, v)
