@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modiff.state import reset_caches
 from modiff.timesteps import timestep_sequence
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 
 def beta_schedule(config: dict[str, Any]) -> torch.Tensor:
     """Betas of ``config['diffusion']`` as float32 (computed in float64 as DDIM does)."""
-    d = config["diffusion"]
-    kind, start, end = d["beta_schedule"], float(d["beta_start"]), float(d["beta_end"])
-    n = int(d["num_diffusion_timesteps"])
+    diffusion = config["diffusion"]
+    kind = diffusion["beta_schedule"]
+    start, end = float(diffusion["beta_start"]), float(diffusion["beta_end"])
+    n = int(diffusion["num_diffusion_timesteps"])
     if kind == "linear":
         betas = np.linspace(start, end, n, dtype=np.float64)
     elif kind == "quad":
@@ -69,11 +71,10 @@ def ddim_sample(
     ``generator`` feeds the eta > 0 step noise: one generator for the batch, or one per image
     (the per-image streams that make sampling independent of batching). Noise is drawn on the
     CPU and moved to ``x_T``'s device. ``callback(i, t, x)`` sees each model input (used to
-    collect calibration data). Modulation caches of quantized layers are reset first.
+    collect calibration data). Every module of ``model`` that keeps state across steps (e.g. the
+    modulation caches of quantized layers) is reset first (:mod:`modiff.state`).
     """
-    from modiff.quant.layers import reset_caches
-
-    reset_caches(model)  # a new batch of trajectories: modulation caches start empty
+    reset_caches(model)  # a new batch of trajectories: state from the last one must go
     device = x_T.device
     betas = betas.to(device)
     n = x_T.shape[0]
@@ -101,12 +102,12 @@ def ddim_sample(
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None):
     if generator is None or isinstance(generator, torch.Generator):
-        z = torch.randn(x.shape, generator=generator)
+        noise = torch.randn(x.shape, generator=generator)
     else:
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
-        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
-    return z.to(device=x.device, dtype=x.dtype)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator])
+    return noise.to(device=x.device, dtype=x.dtype)
 
 
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:

@@ -299,3 +299,65 @@ def test_quantize_works_on_any_module(backend):
     with torch.no_grad():
         out = model(x)
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_model_declares_the_layers_whose_input_splits():
+    """Quantization knows no model: any Conv2d that carries ``input_split`` runs split in two
+    parts (with ``split_shortcut``), the DDIM UNet declaring its up path's shortcuts."""
+    torch.manual_seed(0)
+    joined = nn.Conv2d(6, 4, 1)
+    joined.input_split = 2
+    model = nn.Sequential(joined, nn.Conv2d(4, 4, 1))
+    x = torch.randn(3, 6, 4, 4)
+    ref = model(x)
+    quantize_(model, QuantConfig(a_scale="dynamic", backend="simulated"))
+    assert isinstance(model[0], SplitInputLayer) and model[0].split == 2
+    assert isinstance(model[1], QuantLayer)
+    with torch.no_grad():
+        out = model(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    unsplit = nn.Sequential(joined)
+    quantize_(unsplit, QuantConfig(a_scale="dynamic", backend="simulated", split_shortcut=False))
+    assert isinstance(unsplit[0], QuantLayer)
+
+    unet = build_model(tiny_config(ch_mult=[1, 2]))
+    declared = {n: m.input_split for n, m in unet.named_modules() if hasattr(m, "input_split")}
+    assert declared and all(n.startswith("up.") and n.endswith("nin_shortcut") for n in declared)
+
+
+def _module_imports(path, package):
+    """Every modiff module ``path`` imports, at any depth (function-level imports too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            # ``from modiff.quant import kernels`` imports the submodule modiff.quant.kernels
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    modules = {f"{package}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"}
+    return {name for name in found if name.startswith("modiff")}, modules
+
+
+def test_layers_import_without_cycles_or_reach_ins():
+    """modiff.quant's import graph is acyclic (function-level imports included), quant names no
+    model, and the sampler does not import quant (the state protocol is modiff.state)."""
+    quant = ROOT / "modiff" / "quant"
+    graph = {}
+    for path in quant.glob("*.py"):
+        imports, modules = _module_imports(path, "modiff.quant")
+        assert not any(name.startswith("modiff.models") for name in imports), path.name
+        if path.stem != "__init__":
+            graph[f"modiff.quant.{path.stem}"] = imports & modules
+
+    def visit(module, stack):
+        assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"
+        for imported in graph[module]:
+            visit(imported, [*stack, module])
+
+    for module in graph:
+        visit(module, [])
+    sampler_imports, _ = _module_imports(ROOT / "modiff" / "diffusion.py", "modiff")
+    assert not any(name.startswith("modiff.quant") for name in sampler_imports)

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_config
+from torch import nn
 
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_, reconstruction
@@ -267,3 +268,30 @@ def test_native_layers_are_reconstructed_in_place_and_run_the_learned_codes(tmp_
         out, ref, nearest_out = native(x, t), loaded(x, t), nearest(x, t)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert not torch.equal(out, nearest_out)
+
+
+def test_block_units_are_what_the_model_declares():
+    """Any module with ``reconstruction_unit = True`` is one unit of block reconstruction."""
+
+    class Block(nn.Module):
+        reconstruction_unit = True
+
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return x + self.second(self.first(x))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = Block(), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, t):
+            return self.head(self.block(x))
+
+    model = quantize_(Model(), QuantConfig(a_scale="dynamic", backend="simulated"))
+    example = torch.randn(1, 3, 4, 4), torch.zeros(1)
+    assert reconstruction_units(model, "block", *example) == ["block", "head"]
+    assert reconstruction_units(model, "layer", *example) == ["block.first", "block.second", "head"]

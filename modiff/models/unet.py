@@ -63,6 +63,10 @@ class Downsample(nn.Module):
 
 
 class ResnetBlock(nn.Module):
+    # Declared for quantization (modiff.quant.surgery): BRECQ-style block reconstruction learns
+    # the block's layers together against its FP32 output.
+    reconstruction_unit = True
+
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float):
         super().__init__()
         # Registration order fixes the state_dict order of the checkpoint.
@@ -86,6 +90,8 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels with 1x1 conv projections."""
+
+    reconstruction_unit = True  # as ResnetBlock's: one unit of block reconstruction
 
     def __init__(self, channels: int):
         super().__init__()
@@ -172,8 +178,11 @@ class DDIMUNet(nn.Module):
                 if i_block == num_res_blocks:
                     skip_in = ch * in_ch_mult[level]
                 block = ResnetBlock(block_in + skip_in, block_out, self.temb_ch, dropout)
-                # Its input is cat([h, skip]); quantizers may treat the two parts separately.
-                block.concat_split = block_in
+                # The block's input is cat([h, skip]) and its shortcut, a 1x1 conv, sees it as it
+                # is: declared (modiff.quant.surgery) so that a quantizer may treat the two parts
+                # separately, as their ranges differ widely. (conv1 sees it normalised, as one.)
+                if hasattr(block, "nin_shortcut"):
+                    block.nin_shortcut.input_split = block_in
                 blocks.append(block)
                 block_in = block_out
                 if curr_res in attn_resolutions:

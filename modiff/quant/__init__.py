@@ -2,6 +2,6 @@
 
 from modiff.quant.api import quantize_, target_layers
 from modiff.quant.config import QuantConfig
-from modiff.quant.layers import cache_bytes, reset_caches
+from modiff.state import cache_bytes, reset_caches  # the state protocol, re-exported
 
 __all__ = ["QuantConfig", "cache_bytes", "quantize_", "reset_caches", "target_layers"]

@@ -41,6 +41,8 @@ from modiff.quant.quantizer import (
     search_weight_params,
     symmetric_scale,
 )
+from modiff.quant.reconstruction import reconstruct_
+from modiff.quant.surgery import declared_input_split, replace_submodule, split_by_input
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +59,11 @@ def target_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]
 
 
 def input_split(model: nn.Module, name: str, config: QuantConfig) -> int | None:
-    """Channel index splitting a layer's concatenated input, if the model declares one."""
-    if not config.split_shortcut or not name.endswith("nin_shortcut"):
+    """Channel index splitting the layer's input in two parts, where the model declares one
+    (:mod:`modiff.quant.surgery`) and ``config.split_shortcut`` asks for split parts."""
+    if not config.split_shortcut:
         return None
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return getattr(parent, "concat_split", None)
-
-
-def _parts(layer: nn.Module, split: int | None) -> list[nn.Module]:
-    """The layer, or for a split input its two halves as layers of their own."""
-    if split is None:
-        return [layer]
-    out = []
-    for i, sl in enumerate((slice(0, split), slice(split, None))):
-        part = nn.Conv2d(
-            layer.weight[:, sl].shape[1], layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, bias=(i == 0 and layer.bias is not None),
-        )  # fmt: skip
-        with torch.no_grad():
-            part.weight.copy_(layer.weight[:, sl])
-            if i == 0 and layer.bias is not None:
-                part.bias.copy_(layer.bias)
-        out.append(part)
-    return out
+    return declared_input_split(model.get_submodule(name))
 
 
 class _InputRecorder:
@@ -89,18 +73,18 @@ class _InputRecorder:
     def __init__(self, max_values: int, totals: dict[str, int], seed: int):
         self.max_values = max_values
         self.totals = totals
-        self.gen = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.stats: dict[str, dict[str, Any]] = {}
 
     def record(self, key: str, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1).cpu()
-        st = self.stats.setdefault(key, {"lo": float("inf"), "hi": float("-inf"), "sample": []})
-        st["lo"] = min(st["lo"], flat.min().item())
-        st["hi"] = max(st["hi"], flat.max().item())
+        stats = self.stats.setdefault(key, {"lo": float("inf"), "hi": float("-inf"), "sample": []})
+        stats["lo"] = min(stats["lo"], flat.min().item())
+        stats["hi"] = max(stats["hi"], flat.max().item())
         keep = max(1, round(self.max_values * flat.numel() / self.totals[key]))
         if keep < flat.numel():
-            flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.gen)]
-        st["sample"].append(flat.clone())
+            flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.generator)]
+        stats["sample"].append(flat.clone())
 
 
 class _SizeRecorder:
@@ -117,12 +101,12 @@ def _run_with_hooks(model, names, splits, recorder, batches) -> None:
         split = splits[name]
 
         def hook(_mod, args, name=name, split=split):
-            x = args[0]
+            layer_input = args[0]
             if split is None:
-                recorder.record(name, x)
+                recorder.record(name, layer_input)
             else:
-                recorder.record(f"{name}.part0", x[:, :split])
-                recorder.record(f"{name}.part1", x[:, split:])
+                recorder.record(f"{name}.part0", layer_input[:, :split])
+                recorder.record(f"{name}.part1", layer_input[:, split:])
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -169,14 +153,15 @@ def collect_inputs(
     _run_with_hooks(model, names, splits, sizes, [(xs[:1].to(device), ts[:1].to(device))])
     totals = {k: n * xs.shape[0] for k, n in sizes.numel.items()}
     recorder = _InputRecorder(config.calib_max_values, totals, seed)
-    bs = config.calib_batch_size
-    for i in tqdm(range(0, len(xs), bs), desc="calibrate", leave=False):
-        batch = [(xs[i : i + bs].to(device), ts[i : i + bs].to(device))]
+    batch_size = config.calib_batch_size
+    for start in tqdm(range(0, len(xs), batch_size), desc="calibrate", leave=False):
+        rows = slice(start, start + batch_size)
+        batch = [(xs[rows].to(device), ts[rows].to(device))]
         if config.modulation == "none":
             _run_with_hooks(model, names, splits, recorder, batch)
             continue
-        prev = [(calibration["xs_prev"][i : i + bs].to(device),
-                 calibration["ts_prev"][i : i + bs].to(device))]  # fmt: skip
+        prev = [(calibration["xs_prev"][rows].to(device),
+                 calibration["ts_prev"][rows].to(device))]  # fmt: skip
         residuals = _ResidualRecorder(recorder)
         _run_with_hooks(model, names, splits, residuals, prev)
         residuals.previous = residuals.current
@@ -232,10 +217,12 @@ def _layer_config(config: QuantConfig, backend: str) -> QuantConfig:
     return dataclasses.replace(config, backend="simulated" if backend == "openvino" else backend)
 
 
-def _finish(model: nn.Module, config: QuantConfig, backend: str, source: str) -> nn.Module:
-    """The quantized model as its backend runs it. ``source``: the fingerprint of the float
-    weights it was quantized from (:func:`weights_fingerprint`), kept on the torch model as
-    ``quantized_from`` for :func:`save_quant_params` to record and loading to check."""
+def _wrap_for_backend(
+    model: nn.Module, config: QuantConfig, backend: str, source: str
+) -> nn.Module:
+    """``model``, or for backend openvino the compiled model around it. ``source``: the
+    fingerprint of the float weights it was quantized from (:func:`weights_fingerprint`), kept
+    on the torch model as ``quantized_from`` for :func:`save_quant_params` to record."""
     model.quantized_from = source
     if backend != "openvino":
         return model
@@ -275,26 +262,24 @@ def quantize_(
     params = {}
     for name in tqdm(names, desc="quantize", leave=False):
         layer = model.get_submodule(name)
-        for i, part in enumerate(_parts(layer, splits[name])):
+        for i, part in enumerate(split_by_input(layer, splits[name])):
             key = name if splits[name] is None else f"{name}.part{i}"
             params[key] = make_layer_params(part, config, stats.get(key))
     fp_model = copy.deepcopy(model).eval() if config.learns else None
     apply_params(model, config, params, splits)
     if config.learns:
-        from modiff.quant.reconstruction import reconstruct_
-
         reconstruct_(model, fp_model, config, calibration, seed=seed, device=device)
-    return _finish(model, final_config, backend, source)
+    return _wrap_for_backend(model, final_config, backend, source)
 
 
 def make_layer_params(layer: nn.Module, config: QuantConfig, stats: dict | None) -> LayerParams:
-    w = layer.weight.detach().cpu()
-    w_scale, w_zp = search_weight_params(w, config.w_bits, config.symmetric_weights)
+    weight = layer.weight.detach().cpu()
+    w_scale, w_zp = search_weight_params(weight, config.w_bits, config.symmetric_weights)
     act_scale = act_zp = None
     if config.a_scale == "static":
         act_scale, act_zp = search_act_params(stats, config.a_bits, config.a_symmetric)
     return LayerParams(
-        weight_codes=quantize_weight(w, w_scale, w_zp, config.w_bits),
+        weight_codes=quantize_weight(weight, w_scale, w_zp, config.w_bits),
         weight_scale=w_scale,
         weight_zero_point=w_zp,
         bias=None if layer.bias is None else layer.bias.detach().cpu().float(),
@@ -315,21 +300,13 @@ def apply_params(
         if split is None:
             new = QuantLayer(layer, params[name], config)
         else:
-            parts = _parts(layer, split)
+            parts = split_by_input(layer, split)
             new = SplitInputLayer(
                 [QuantLayer(p, params[f"{name}.part{i}"], config) for i, p in enumerate(parts)],
                 split,
             )
-        _set_submodule(model, name, new)
+        replace_submodule(model, name, new)
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    if "." in name:
-        parent_name, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_name), child, new)
-    else:
-        setattr(model, name, new)
 
 
 # --- saved quantization parameters -------------------------------------------------------------
@@ -427,19 +404,19 @@ def load_quantized(
     for name, entry in layers.items():
         splits[name] = entry["split"]
         layer = model.get_submodule(name)
-        for i, part in enumerate(_parts(layer, entry["split"])):
+        for i, part in enumerate(split_by_input(layer, entry["split"])):
             key = name if entry["split"] is None else f"{name}.part{i}"
-            st = entry["parts"][i]
+            state = entry["parts"][i]
             params[key] = LayerParams(
-                weight_codes=st["weight_codes"],
-                weight_scale=st["weight_scale"],
-                weight_zero_point=st["weight_zero_point"],
+                weight_codes=state["weight_codes"],
+                weight_scale=state["weight_scale"],
+                weight_zero_point=state["weight_zero_point"],
                 bias=None if part.bias is None else part.bias.detach().cpu().float(),
-                act_scale=st.get("act_scale"),
-                act_zero_point=st.get("act_zero_point"),
+                act_scale=state.get("act_scale"),
+                act_zero_point=state.get("act_zero_point"),
             )
     apply_params(model, _layer_config(config, backend), params, splits)
-    return _finish(model, config, backend, fingerprint), config
+    return _wrap_for_backend(model, config, backend, fingerprint), config
 
 
 def _has_layer(model: nn.Module, name: str) -> bool:

@@ -35,15 +35,16 @@ class QuantConfig:
       else native; simulated on CUDA).
     - ``include``/``exclude``: fnmatch patterns over module names; by default every Conv2d and
       Linear is quantized (attention matmuls stay in float, as in the paper).
-    - ``split_shortcut``: the up path's ``nin_shortcut`` sees cat([h, skip]); quantize the two
-      halves separately (their ranges differ widely).
+    - ``split_shortcut``: where the model declares a layer's input two parts joined along channels
+      (:mod:`modiff.quant.surgery`), quantize the two parts separately (their ranges can differ
+      widely).
     - ``modulation``: ``none`` (plain quantization), ``compensated`` (MoDiff: each layer
       quantizes the residual against its reconstructed input and accumulates its output) or
       ``uncompensated`` (residual against the true previous input: the paper's ablation).
     - ``warmup``: the first step of a trajectory under modulation: ``fp`` (full precision,
       the paper's default), ``quantized``, or ``repeat:k`` (a_T fed k times).
     - ``reconstruction``: ``none`` (nearest rounding), ``layer`` or ``block`` (AdaRound learned
-      per layer, or per residual/attention block as BRECQ and Q-Diffusion do), for
+      per layer, or per block the model declares a unit, as BRECQ and Q-Diffusion do), for
       ``reconstruction_iters`` Adam steps per unit on the calibration data.
     - ``learn_act_scales``: refine each static activation scale (for MoDiff: each residual
       scale, on the calibration pairs) LSQ-style after the MSE initialisation.

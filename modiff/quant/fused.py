@@ -65,8 +65,8 @@ class _Fused:
         if self.failed or not compile_enabled():
             return self.eager(*args)
         if self.compiled is None:
-            # One graph per input layout (channels-last, sliced, 2-D, ...) and bit-width: a
-            # UNet has a few dozen; the default limit of 8 would silently fall back to eager.
+            # One graph per input layout (channels-last, sliced, 2-D, ...) and bit-width: a whole
+            # model has a few dozen; the default limit of 8 would silently fall back to eager.
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
             self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)

@@ -25,6 +25,11 @@ from modiff.quant.quantizer import (
     symmetric_scale,
 )
 
+# The state protocol lives in modiff.state (the sampler uses it without importing quant); its
+# functions stay importable from here, where callers (modiff.bench, scripts) look for them.
+from modiff.state import cache_bytes as cache_bytes
+from modiff.state import reset_caches as reset_caches
+
 
 @dataclass
 class LayerParams:
@@ -338,10 +343,11 @@ class QuantLayer(nn.Module):
             self._int_op_accumulate_(codes, float(scale), int(zp), accum)
 
     def _check_cache(self, x: torch.Tensor) -> None:
-        a = self.a_hat
-        if x.shape != a.shape or x.device != a.device or x.dtype != a.dtype:
+        cached = self.a_hat
+        if x.shape != cached.shape or x.device != cached.device or x.dtype != cached.dtype:
             raise RuntimeError(
-                f"modulation caches hold a batch of {tuple(a.shape)} {a.dtype} on {a.device}, "
+                f"modulation caches hold a batch of {tuple(cached.shape)} {cached.dtype} on "
+                f"{cached.device}, "
                 f"got {tuple(x.shape)} {x.dtype} on {x.device}; call "
                 "modiff.quant.reset_caches(model) before a new batch of trajectories"
             )
@@ -357,11 +363,12 @@ class QuantLayer(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def extra_repr(self) -> str:
-        c = self.config
+        config = self.config
         kind = "conv" if self.is_conv else "linear"
-        mod = "" if c.modulation == "none" else f", modulation {c.modulation}"
-        backend = c.backend if self.scheme is None else f"{c.backend} ({self.scheme})"
-        return f"{kind}, W{c.w_bits}A{c.a_bits}, {c.a_scale} activations, {backend}{mod}"
+        modulation = "" if config.modulation == "none" else f", modulation {config.modulation}"
+        backend = config.backend if self.scheme is None else f"{config.backend} ({self.scheme})"
+        bits = f"W{config.w_bits}A{config.a_bits}"
+        return f"{kind}, {bits}, {config.a_scale} activations, {backend}{modulation}"
 
 
 def _rows(t: torch.Tensor, channel_dim: int, in_place: bool = False) -> torch.Tensor:
@@ -379,10 +386,10 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 class SplitInputLayer(nn.Module):
-    """A layer whose input is cat([h, skip]) along channels, each part quantized on its own.
+    """A layer whose input is two parts joined along channels, each part quantized on its own.
 
     Runs one quantized layer per part on its input channels and sums the outputs (the bias
-    belongs to the first part only), exactly ``layer(cat([h, skip]))`` without quantization.
+    belongs to the first part only), exactly ``layer(x)`` without quantization.
     """
 
     def __init__(self, parts: list[QuantLayer], split: int):
@@ -398,15 +405,6 @@ class SplitInputLayer(nn.Module):
             first.partner_added_into_output(out)
             return out
         return first(head) + second(tail)
-
-
-def reset_caches(model: nn.Module) -> None:
-    """Clear the modulation caches of ``model`` (a new trajectory): every submodule that keeps
-    state across steps says so by a ``reset_cache()`` method (quantized layers, compiled
-    models)."""
-    for m in model.modules():
-        if callable(getattr(m, "reset_cache", None)):
-            m.reset_cache()
 
 
 def native_schemes(model: nn.Module) -> dict[str, int]:
@@ -433,9 +431,3 @@ def kernel_record(model: nn.Module) -> dict:
     if schemes and not engines:  # (no oneDNN probe for a model the engine runs)
         record.update(int8_kernels=kernels.probe().describe(), schemes=schemes)
     return record
-
-
-def cache_bytes(model: nn.Module) -> int:
-    """Bytes held by all modulation caches of ``model``."""
-    holders = [m for m in model.modules() if callable(getattr(m, "cache_bytes", None))]
-    return sum(m.cache_bytes() for m in holders)

@@ -68,7 +68,7 @@ def require() -> Any:
 
 def cpu_supported() -> bool:
     """Whether this CPU (as capped by ``ONEDNN_MAX_CPU_ISA``) has AVX2: under SSE4.1 the CPU
-    plugin failed to compile the UNet ("bad combination"), though single layers compiled."""
+    plugin failed to compile the whole model ("bad combination"), though single layers compiled."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     return "avx2" in kernels.cpu_flags() and not cap.startswith("SSE")
 
@@ -404,7 +404,7 @@ def trace(root: ExportRoot, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, int]
     """``root`` as an OpenVINO model with a dynamic batch dimension, and its number of caches.
 
     Traced on one image of ``x``: tracing at the sampling batch size took 45 s and 8.5 GB more
-    memory for the CIFAR-10 UNet with MoDiff; :func:`specialize` sets the batch afterwards."""
+    memory for the CIFAR-10 model with MoDiff; :func:`specialize` sets the batch afterwards."""
     ov = require()
     x, t = x[:1], t[:1]
     caches = [torch.zeros(s) for s in _cache_shapes(root, x, t)]
@@ -435,7 +435,7 @@ def _stateful(graph: Any, n: int) -> Any:
 
     No ReadValue initializer: the CPU plugin then keeps each state in place (a plain ReadValue
     and its Assign cost no copy; with an initializer subgraph the caches were copied every
-    step, 2.2x the step time on the CIFAR-10 UNet)."""
+    step, 2.2x the step time on the CIFAR-10 model)."""
     ov = require()
     from openvino import opset6
     from openvino.op.util import Variable, VariableInfo

@@ -1,7 +1,8 @@
 """Q-Diffusion's reconstruction (BRECQ/AdaRound) and LSQ-style learned activation step sizes.
 
 After the MSE initialisation of :func:`modiff.quant.api.quantize_`, each reconstruction unit (a
-quantized layer, or with ``reconstruction="block"`` a residual or attention block) is
+quantized layer, or with ``reconstruction="block"`` a block the model declares a unit,
+:mod:`modiff.quant.surgery`) is
 optimised in model order so that its output on cached calibration inputs matches the FP32
 model's (BRECQ's "asym" mode: inputs from the already-quantized model, targets from FP32):
 
@@ -32,8 +33,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.layers import QuantLayer, SplitInputLayer, reset_caches
+from modiff.quant.layers import QuantLayer, SplitInputLayer
 from modiff.quant.quantizer import LP_NORM, weight_code_range
+from modiff.quant.surgery import is_reconstruction_unit, replace_submodule, split_by_input
+from modiff.state import reset_caches
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +147,12 @@ class LearnedLayer(nn.Module):
         return (codes - zp) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.codes() * self.w_scale
+        weight = self.codes() * self.w_scale
         xq = self.quantize_input(x) if self.quantize_inputs else x
         bias = self.bias if self.use_bias else None
         if self.is_conv:
-            return F.conv2d(xq, w, bias, *self.conv_args)
-        return F.linear(xq, w, bias)
+            return F.conv2d(xq, weight, bias, *self.conv_args)
+        return F.linear(xq, weight, bias)
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -215,18 +218,17 @@ def reconstruction_units(
     model: nn.Module, granularity: str, xs: torch.Tensor, ts: torch.Tensor
 ) -> list[str]:
     """Names of the modules reconstructed one at a time, in the order the model runs them on
-    ``(xs, ts)``: quantized layers (a split layer is one unit), or for ``block`` the residual and
-    attention blocks, with the layers outside any block (conv_in, conv_out, time embedding,
-    resampling) on their own. Run order, not definition order: the UNet defines its up path
-    top-down but runs it bottom-up, and each unit must see its predecessors already learned."""
-    from modiff.models.unet import AttnBlock, ResnetBlock
-
-    blocks = (ResnetBlock, AttnBlock) if granularity == "block" else ()
+    ``(xs, ts)``: quantized layers (a split layer is one unit), or for ``block`` the modules the
+    model declares reconstruction units (:mod:`modiff.quant.surgery`), with the quantized layers
+    outside any of them on their own. Run order, not definition order: a model may define its
+    modules in another order than it runs them (e.g. an up path defined top-down and run
+    bottom-up), and each unit must see its predecessors already learned."""
+    blocks = granularity == "block"
     units: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(u + ".") for u in units):
             continue
-        if isinstance(m, blocks) or isinstance(m, SplitInputLayer | QuantLayer):
+        if (blocks and is_reconstruction_unit(m)) or isinstance(m, SplitInputLayer | QuantLayer):
             units.append(name)
     ran: list[str] = []
     handles = [model.get_submodule(u).register_forward_pre_hook(
@@ -243,19 +245,17 @@ def reconstruction_units(
 
 def _learned_layers(unit: nn.Module, fp_unit: nn.Module, rounding: bool, scales: bool) -> dict:
     """A LearnedLayer for each quantized layer of ``unit``, by its name in the unit."""
-    from modiff.quant.api import _parts
-
     found = {}
     for name, m in unit.named_modules():
         if isinstance(m, SplitInputLayer):
-            for i, part in enumerate(_parts(fp_unit.get_submodule(name), m.split)):
+            for i, part in enumerate(split_by_input(fp_unit.get_submodule(name), m.split)):
                 found[f"{name}.parts.{i}".lstrip(".")] = (m.parts[i], part.weight.detach())
         elif isinstance(m, QuantLayer) and ".parts." not in f".{name}.":
             found[name] = (m, fp_unit.get_submodule(name).weight.detach())
     return {n: LearnedLayer(q, w, rounding, scales) for n, (q, w) in found.items()}
 
 
-class _Stop(Exception):
+class _StopForward(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
@@ -265,7 +265,7 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
 
     def hook(_m, args, out):
         got.append(tuple(a.detach() for a in args) if what == "inputs" else out.detach())
-        raise _Stop
+        raise _StopForward
 
     handle = unit.register_forward_hook(hook)
     try:
@@ -274,7 +274,7 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
                 reset_caches(model)  # modulated layers: each batch a warm-up step
                 try:
                     model(xs[i : i + 256], ts[i : i + 256])
-                except _Stop:
+                except _StopForward:
                     pass
     finally:
         handle.remove()
@@ -284,16 +284,14 @@ def _capture(model: nn.Module, name: str, xs: torch.Tensor, ts: torch.Tensor, wh
     return torch.cat(got)
 
 
-def _swap(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _swap_layers(unit: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Put ``layers`` in place in ``unit`` (by name); returns what they replaced. In place, not on
     a copy: native layers hold packed weights that cannot be deep-copied."""
-    from modiff.quant.api import _set_submodule
-
     replaced = {}
     for name, layer in layers.items():
         if name:
             replaced[name] = unit.get_submodule(name)
-            _set_submodule(unit, name, layer)
+            replace_submodule(unit, name, layer)
     return replaced
 
 
@@ -313,7 +311,7 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
     prev = None if prev is None else tuple(p.to(device) for p in prev)
     learned = _learned_layers(unit, fp_unit, rounding, not rounding)
     runner = learned.get("", unit)
-    originals = _swap(unit, learned)
+    originals = _swap_layers(unit, learned)
     home = next(iter(learned.values())).w_scale.device
     runner.to(device)  # only float modules now: the quantized layers are swapped out
     for m in learned.values():  # plain: activations quantized in every pass (QDrop's finding)
@@ -326,11 +324,11 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
         # MoDiff's first modulated step: a_prev is exact (FP warm-up), the residual quantized:
         # out = A(a_prev) + A(Q(a_t - a_prev)), with the bias once.
         (x,), (x_prev,) = batch, tuple(p[idx] for p in prev)
-        _set(learned, quantize_inputs=False)
+        _set_flags(learned, quantize_inputs=False)
         base = runner(x_prev)
-        _set(learned, quantize_inputs=True, use_bias=False)
+        _set_flags(learned, quantize_inputs=True, use_bias=False)
         out = base + runner(x - x_prev)
-        _set(learned, use_bias=True)
+        _set_flags(learned, use_bias=True)
         return out
 
     def loss_on_all() -> float:
@@ -339,9 +337,9 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
                         for idx in torch.arange(len(target)).split(256))  # fmt: skip
         return total / target.numel()
 
-    _set(learned, hard=True)  # the starting point: nearest rounding, MSE scales
+    _set_flags(learned, hard=True)  # the starting point: nearest rounding, MSE scales
     before = loss_on_all()
-    _set(learned, hard=False)
+    _set_flags(learned, hard=False)
     params = [p for m in learned.values() for p in (m.rounding, m.act_scale) if p is not None]
     if iters and params:
         _optimise(learned, output, target, params, iters, batches, kind)
@@ -350,12 +348,12 @@ def _reconstruct_unit(model, fp_model, name, inputs, iters, *, kind, quantized_i
         log.warning("%s: %.0f%% of the rounding is undecided after %d iterations, so hard rounding "
                     "loses what it learned: raise reconstruction_iters", name,
                     100 * undecided / total, iters)  # fmt: skip
-    _set(learned, hard=True)
+    _set_flags(learned, hard=True)
     after = loss_on_all()
     for m in learned.values():
         m.commit()
     runner.to(home)
-    _swap(unit, originals)
+    _swap_layers(unit, originals)
     return before, after
 
 
@@ -380,7 +378,7 @@ def _optimise(learned, output, target, params, iters, batches, kind) -> None:
             schedule.step()
 
 
-def _set(learned: dict[str, LearnedLayer], **flags) -> None:
+def _set_flags(learned: dict[str, LearnedLayer], **flags) -> None:
     for m in learned.values():
         for k, v in flags.items():
             setattr(m, k, v)
