@@ -6,7 +6,7 @@ from conftest import ROOT
 from torch import nn
 
 from modiff.checkpoint import load_into
-from modiff.config import load_params, preset_config
+from modiff.config import load_params
 from modiff.diffusion import beta_schedule, ddim_sample
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_, reset_caches
@@ -126,7 +126,7 @@ def test_cache_misuse_is_an_error_and_reset_starts_over():
 
 @pytest.fixture(scope="module")
 def digits():
-    preset = preset_config(load_params(ROOT / "params.yaml"), "digits")
+    preset = load_params(ROOT / "params.yaml").preset_layout("digits")
     state = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").state_dict()
     return preset, state
 

@@ -7,13 +7,12 @@ from torch import nn
 
 from modiff.calibration import collect_calibration
 from modiff.checkpoint import load_into
-from modiff.config import load_params, preset_config
+from modiff.config import load_params
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_
 from modiff.quant.api import (
     load_quantized,
     save_quant_params,
-    target_layers,
     weights_fingerprint,
 )
 from modiff.quant.layers import QuantLayer, SplitInputLayer
@@ -129,10 +128,10 @@ def _native_and_simulated(build_float, calibration, tmp_path, **kw):
     """The same parameters on both backends, calibrated once (as in the pipeline: `modiff
     calibrate` once, then `modiff sample --backend` either)."""
     config = QuantConfig(backend="simulated", calib_max_values=1 << 14, **kw)
-    float_model = build_float()
-    fingerprint = weights_fingerprint(float_model, list(target_layers(float_model, config)))
-    simulated = quantize_(float_model, config, calibration if config.a_scale == "static" else None)
-    save_quant_params(simulated, config, fingerprint, tmp_path / "q.pt")
+    simulated = quantize_(
+        build_float(), config, calibration if config.a_scale == "static" else None
+    )
+    save_quant_params(simulated, config, tmp_path / "q.pt")
     native, _ = load_quantized(build_float(), tmp_path / "q.pt", backend="native")
     return native, simulated
 
@@ -181,7 +180,7 @@ def test_native_layers_equal_simulated_layers(tiny_model, kw, tmp_path):
 def digits_setup():
     """The committed digits model and calibration inputs from a short FP32 trajectory."""
     params = load_params(ROOT / "params.yaml")
-    preset = preset_config(params, "digits")
+    preset = params.preset_layout("digits")
     preset["sampling"]["steps"] = 20
     model = load_into(build_model(preset), ROOT / "data/pretrained/digits_ddim.pt").eval()
     cal = collect_calibration(model, preset, cali_st=5, cali_n=32, seed=0, batch_size=32)
@@ -249,8 +248,10 @@ def test_native_runs_integer_kernels_only(tiny_model):
 def test_save_and_load_parameters(tiny_model, tmp_path):
     q = _quantized(tiny_model, a_scale="static", a_bits=6)
     names = [n for n, m in tiny_model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    save_quant_params(q, QuantConfig(a_bits=6), weights_fingerprint(tiny_model, names),
-                      tmp_path / "q.pt")  # fmt: skip
+    save_quant_params(q, QuantConfig(a_bits=6), tmp_path / "q.pt")
+    # quantize_ recorded which float weights it quantized; the file holds that fingerprint.
+    saved = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert saved["fingerprint"] == weights_fingerprint(tiny_model, names)
     fresh = build_model(tiny_config(ch_mult=[1, 2, 2])).eval()
     fresh.load_state_dict(tiny_model.state_dict())
     loaded, config = load_quantized(fresh, tmp_path / "q.pt")

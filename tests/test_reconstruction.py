@@ -10,7 +10,7 @@ from torch import nn
 
 from modiff.models import build_model
 from modiff.quant import QuantConfig, quantize_, reconstruction
-from modiff.quant.api import load_quantized, save_quant_params, target_layers, weights_fingerprint
+from modiff.quant.api import load_quantized, save_quant_params
 from modiff.quant.layers import QuantLayer
 from modiff.quant.quantizer import weight_code_range
 from modiff.quant.reconstruction import reconstruct_, reconstruction_units
@@ -176,14 +176,13 @@ def test_the_rounding_is_learned_first_then_the_step_sizes_with_the_codes_fixed(
 def test_learned_codes_and_scales_are_saved_and_loaded_without_relearning(tmp_path):
     fp, calibration = _model(), _calibration()
     config = _config(reconstruction="layer", learn_act_scales=True, reconstruction_iters=40)
-    fingerprint = weights_fingerprint(fp, list(target_layers(fp, config)))
     model = quantize_(copy.deepcopy(fp), config, calibration)
     nearest = quantize_(copy.deepcopy(fp), _config(), calibration)
     assert any(
         not torch.equal(a, b)
         for a, b in zip(_codes(model).values(), _codes(nearest).values(), strict=True)
     )
-    save_quant_params(model, config, fingerprint, tmp_path / "q.pt", {"variant": "x"})
+    save_quant_params(model, config, tmp_path / "q.pt", {"variant": "x"})
     loaded, loaded_config = load_quantized(copy.deepcopy(fp), tmp_path / "q.pt")
     assert loaded_config == config
     for (name, a), b in zip(_codes(model).items(), _codes(loaded).values(), strict=True):
@@ -221,28 +220,28 @@ def test_recipe_names_what_was_learned():
 
 
 def test_a_grid_entry_names_its_recipe():
-    from modiff.config import variant_name
+    from modiff.config import QuantSettings, Variant
 
     entry = {"method": "qdiff", "a_scale": "static", "w_bits": 4, "a_bits": 8}
-    learned = {**entry, "reconstruction": "block", "reconstruction_iters": 500,
-               "learn_act_scales": True}  # fmt: skip
-    assert variant_name(learned) == "qdiff-static-w4a8-brecq-lsq"
-    assert variant_name({**entry, "reconstruction": "layer"}) == "qdiff-static-w4a8-adaround"
-    assert variant_name(entry) == "qdiff-static-w4a8"
-    quant = {"backend": "native", "warmup": "fp"}
+    learned = Variant(**entry, reconstruction="block", reconstruction_iters=500,
+                      learn_act_scales=True)  # fmt: skip
+    assert learned.name == "qdiff-static-w4a8-brecq-lsq"
+    assert Variant(**entry, reconstruction="layer").name == "qdiff-static-w4a8-adaround"
+    assert Variant(**entry).name == "qdiff-static-w4a8"
+    quant = QuantSettings(backend="native", warmup="fp")
     config = QuantConfig.from_variant(learned, quant)
     assert (config.reconstruction, config.reconstruction_iters, config.learn_act_scales) == (
         "block", 500, True)  # fmt: skip
-    assert QuantConfig.from_variant(entry, quant).reconstruction == "none"
+    assert QuantConfig.from_variant(Variant(**entry), quant).reconstruction == "none"
 
 
 def test_an_lcq_entry_quantizes_each_sample_by_its_own_scale():
-    from modiff.config import variant_name
+    from modiff.config import QuantSettings, Variant
 
-    entry = {"method": "modiff", "a_scale": "dynamic", "w_bits": 4, "a_bits": 4}
-    lcq = {**entry, "a_granularity": "per_sample"}
-    assert (variant_name(entry), variant_name(lcq)) == ("modiff-dynamic-w4a4", "modiff-lcq-w4a4")
-    quant = {"backend": "native", "warmup": "fp"}
+    entry = Variant(method="modiff", a_scale="dynamic", w_bits=4, a_bits=4)
+    lcq = Variant(**{**entry.model_dump(), "a_granularity": "per_sample"})
+    assert (entry.name, lcq.name) == ("modiff-dynamic-w4a4", "modiff-lcq-w4a4")
+    quant = QuantSettings(backend="native", warmup="fp")
     assert QuantConfig.from_variant(entry, quant).a_granularity == "per_tensor"
     assert QuantConfig.from_variant(lcq, quant).a_granularity == "per_sample"
 
@@ -260,8 +259,7 @@ def test_native_layers_are_reconstructed_in_place_and_run_the_learned_codes(tmp_
         not torch.equal(a, b)
         for a, b in zip(_codes(native).values(), _codes(nearest).values(), strict=True)
     )
-    fingerprint = weights_fingerprint(fp, list(target_layers(fp, config)))
-    save_quant_params(native, config, fingerprint, tmp_path / "q.pt")
+    save_quant_params(native, config, tmp_path / "q.pt")
     loaded, _ = load_quantized(copy.deepcopy(fp), tmp_path / "q.pt")
     x, t = calibration["xs"][:4], calibration["ts"][:4]
     with torch.no_grad():
