@@ -7,13 +7,31 @@ reading settings does not load, or depend on, the quantization code.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 AScale = Literal["static", "dynamic"]
 Backend = Literal["auto", "native", "openvino", "simulated"]
 AGranularity = Literal["per_tensor", "per_sample"]  # per_sample: one dynamic scale per image
 Modulation = Literal["none", "compensated", "uncompensated"]
 Reconstruction = Literal["none", "layer", "block"]
+
+
+class ReconstructionNames(NamedTuple):
+    """How a reconstruction is named: in a grid variant's name, in the report's rows, and in
+    the recipe recorded with the quantization parameters."""
+
+    suffix: str
+    label: str
+    recipe: str
+
+
+RECONSTRUCTION_NAMES: dict[str, ReconstructionNames] = {
+    "none": ReconstructionNames("", "PTQ (nearest rounding)", "nearest rounding"),
+    "layer": ReconstructionNames(
+        "-adaround", "Q-Diffusion (AdaRound per layer)", "AdaRound per layer"
+    ),  # fmt: skip
+    "block": ReconstructionNames("-brecq", "Q-Diffusion (BRECQ)", "AdaRound per block (BRECQ)"),
+}
 
 MIN_BITS, MAX_BITS = 2, 8  # the integer kernels take 8-bit operands; below 2 bits is no grid
 DEFAULT_BITS = 8

@@ -27,11 +27,14 @@ Method = Literal["fp32", "qdiff", "modiff"]
 ScaleKind = Literal["static", "dynamic", "lcq"]  # lcq: dynamic per-sample scales
 Device = Literal["auto", "cpu", "cuda"]
 Peer = Literal["onnxruntime", "openvino", "pt2e"]
-FeatureExtractor = Literal["digits-classifier", "inception-v3-compat"]
-FidReference = Literal["digits", "cifar10-train", "cifar10-val"]
-PresetName = Literal["digits", "cifar10"]
+# Per preset, the FID feature extractors and reference sets it can use (the first: default).
+FID_FEATURE_EXTRACTORS = {"digits": ("digits-classifier",), "cifar10": ("inception-v3-compat",)}
+FID_REFERENCES = {"digits": ("digits",), "cifar10": ("cifar10-train", "cifar10-val")}
+PresetName = Literal[tuple(FID_FEATURE_EXTRACTORS)]
+FeatureExtractor = Literal[sum(FID_FEATURE_EXTRACTORS.values(), ())]
+FidReference = Literal[sum(FID_REFERENCES.values(), ())]
 # A variant name's recipe suffix, by ``reconstruction`` (learned rounding per layer or block).
-RECIPE_SUFFIXES: dict[str, str] = {"none": "", "layer": "-adaround", "block": "-brecq"}
+RECIPE_SUFFIXES = {kind: names.suffix for kind, names in choices.RECONSTRUCTION_NAMES.items()}
 
 
 class ConfigError(ValueError):
@@ -351,6 +354,14 @@ class Params(Settings):
             problems.append(f"preset '{self.preset}' has no entry in presets")
         if "fp32" not in self.variants:
             problems.append("variants must hold fp32, the reference of PSNR and speed")
+        for name, preset in self.presets.items():
+            fid = preset.fid
+            if fid.feature_extractor not in FID_FEATURE_EXTRACTORS[name]:
+                problems.append(f"presets.{name}.fid.feature_extractor: {name} allows "
+                                f"{', '.join(FID_FEATURE_EXTRACTORS[name])}")  # fmt: skip
+            if fid.reference not in FID_REFERENCES[name]:
+                problems.append(f"presets.{name}.fid.reference: {name} allows "
+                                f"{', '.join(FID_REFERENCES[name])}")  # fmt: skip
         for name, variant in self.variants.items():
             if name != variant.name:
                 problems.append(f"variants: '{name}' must be named '{variant.name}' (its settings)")

@@ -30,18 +30,17 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 from torchvision.datasets import CIFAR10
 
 from modiff.classifier import (
-    FEATURE_EXTRACTOR_NAME,
     register_digits_feature_extractor,
     single_threaded,
 )
+from modiff.config import FID_FEATURE_EXTRACTORS, FID_REFERENCES
 from modiff.data import digits_images
 from modiff.errors import UserError
 from modiff.fetch import file_digest
 
-PRESETS = ("digits", "cifar10")
 FID_CACHE = Path("data/fid_cache")  # reference statistics: computed once, checked when read
-FEATURE_EXTRACTORS = {"digits": (FEATURE_EXTRACTOR_NAME,), "cifar10": ("inception-v3-compat",)}
-REFERENCES = {"digits": ("digits",), "cifar10": ("cifar10-train", "cifar10-val")}
+FEATURE_EXTRACTORS, REFERENCES = FID_FEATURE_EXTRACTORS, FID_REFERENCES  # by preset
+PRESETS = tuple(FEATURE_EXTRACTORS)
 KID_MAX_SUBSET = 1000
 DNS_TIMEOUT_S = 2.0
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3

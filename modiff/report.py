@@ -7,40 +7,37 @@ import os
 from pathlib import Path
 from typing import Any
 
+from modiff.choices import RECONSTRUCTION_NAMES
 from modiff.config import Params, Variant
 from modiff.io import atomic_output
+from modiff.records import VariantRecord
 
-RECONSTRUCTIONS = {"layer": "AdaRound per layer", "block": "BRECQ"}
 SCALES = {"static": "static", "dynamic": "dynamic per-tensor (LTQ)",
           "lcq": "dynamic per-sample (LCQ)"}  # fmt: skip
 
 
-def method_label(record: dict[str, Any]) -> str:
+def method_label(record: VariantRecord) -> str:
     """The method of a record by what it ran: Q-Diffusion only with its reconstruction."""
-    recon = record.get("reconstruction") or "none"
-    if recon == "none":
-        base = "PTQ (nearest rounding)"
-    else:
-        base = f"Q-Diffusion ({RECONSTRUCTIONS[recon]})"
-    if record.get("learn_act_scales"):
-        base += ", learned step sizes"
-    return base + (" + MoDiff" if record["method"] == "modiff" else "")
+    label = RECONSTRUCTION_NAMES[record.reconstruction or "none"].label
+    if record.learn_act_scales:
+        label += ", learned step sizes"
+    return label + (" + MoDiff" if record.method == "modiff" else "")
 
 
-def _scale_kind(record: dict[str, Any]) -> str:
-    return Variant.from_name(record["variant"]).scale_kind  # the name says it
+def _scale_kind(record: VariantRecord) -> str:
+    return Variant.from_name(record.variant).scale_kind  # the name says it
 
 
-def row_label(record: dict[str, Any]) -> str:
+def row_label(record: VariantRecord) -> str:
     """A row of the paper-shaped table: the method and its activation scales."""
     return f"{method_label(record)}, {SCALES[_scale_kind(record)]} scales"
 
 
-def _row_order(record: dict[str, Any]) -> tuple:
+def _row_order(record: VariantRecord) -> tuple:
     """The paper's row order: static, then dynamic scales; within each, plain rounding before
     reconstruction, each without and then with MoDiff."""
-    return (list(SCALES).index(_scale_kind(record)), record.get("reconstruction") != "none",
-            bool(record.get("learn_act_scales")), record["method"] == "modiff")  # fmt: skip
+    return (list(SCALES).index(_scale_kind(record)), record.reconstruction != "none",
+            bool(record.learn_act_scales), record.method == "modiff")  # fmt: skip
 
 
 def _rel(path: str | Path, start: Path) -> str:
@@ -51,20 +48,20 @@ def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def paper_table(records: list[dict[str, Any]], key: str, digits: int) -> list[str]:
+def paper_table(records: list[VariantRecord], key: str, digits: int) -> list[str]:
     """Rows: method and scales; columns: W/A bits, W8 before W4 and activation bits falling (the
     layout of the paper's CIFAR-10 table)."""
-    quantized = [r for r in records if r["method"] != "fp32"]
-    columns = sorted({(r["w_bits"], r["a_bits"]) for r in quantized}, key=lambda b: (-b[0], -b[1]))
+    quantized = [r for r in records if r.method != "fp32"]
+    columns = sorted({(r.w_bits, r.a_bits) for r in quantized}, key=lambda b: (-b[0], -b[1]))
     cells: dict[str, dict[tuple[int, int], Any]] = {}
     for r in sorted(quantized, key=_row_order):
-        cells.setdefault(row_label(r), {})[(r["w_bits"], r["a_bits"])] = r[key]
+        cells.setdefault(row_label(r), {})[(r.w_bits, r.a_bits)] = getattr(r, key)
     lines = ["| method | " + " | ".join(f"W{w}A{a}" for w, a in columns) + " |",
              "|---|" + "---|" * len(columns)]  # fmt: skip
-    fp32 = next((r for r in records if r["method"] == "fp32"), None)
-    if fp32 and fp32.get(key) is not None:
+    fp32 = next((r for r in records if r.method == "fp32"), None)
+    if fp32 and getattr(fp32, key) is not None:
         padding = " |" * (len(columns) - 1)
-        lines.append(f"| FP32 | {_fmt(fp32[key], digits)} (all columns) |{padding}")
+        lines.append(f"| FP32 | {_fmt(getattr(fp32, key), digits)} (all columns) |{padding}")
     for label, row in cells.items():
         values = [_fmt(row[c], digits) if c in row else "" for c in columns]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
@@ -95,13 +92,13 @@ def format_schemes(schemes: dict[str, int] | None) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(schemes.items(), reverse=True))
 
 
-def _kernels(record: dict[str, Any]) -> list[dict[str, Any]]:
+def _kernels(record: VariantRecord) -> list[dict[str, Any]]:
     """A record's kernel records: one, or one per CPU type its shards ran on."""
-    kernels = record.get("kernels") or []
+    kernels = record.kernels or []
     return kernels if isinstance(kernels, list) else [kernels]
 
 
-def _scheme_cell(record: dict[str, Any]) -> str:
+def _scheme_cell(record: VariantRecord) -> str:
     cells = []
     for k in _kernels(record):
         if k and k.get("schemes"):
@@ -109,19 +106,19 @@ def _scheme_cell(record: dict[str, Any]) -> str:
     return "; ".join(cells) or "-"
 
 
-def variant_table(records: list[dict[str, Any]]) -> list[str]:
+def variant_table(records: list[VariantRecord]) -> list[str]:
     lines = [
         "| variant | backend | int8 scheme (CPU) | N | steps | FID | KID "
         "| PSNR vs FP32 (dB, median) | ms/step | x FP32 | cache MB/img |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        backend = r["backend"] if not r.get("device") else f"{r['backend']} on {r['device']}"
+        backend = r.backend if not r.device else f"{r.backend} on {r.device}"
         lines.append(
-            f"| {r['variant']} | {backend} | {_scheme_cell(r)} | {r['n_samples']} | {r['steps']} "
-            f"| {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | {_fmt(r['psnr_vs_fp32'], 1)} "
-            f"| {_fmt(r['step_ms'], 2)} | {_fmt(r['speedup_vs_fp32'], 2)} "
-            f"| {_fmt(r['cache_mb_per_image'], 2)} |"
+            f"| {r.variant} | {backend} | {_scheme_cell(r)} | {r.n_samples} | {r.steps} "
+            f"| {_fmt(r.fid, 3)} | {_fmt(r.kid, 5)} | {_fmt(r.psnr_vs_fp32, 1)} "
+            f"| {_fmt(r.step_ms, 2)} | {_fmt(r.speedup_vs_fp32, 2)} "
+            f"| {_fmt(r.cache_mb_per_image, 2)} |"
         )
     return lines
 
@@ -137,33 +134,33 @@ def write_report(
 ) -> None:
     """Render settings, the paper-shaped tables, speed, plots and sample grids as Markdown."""
     out = Path(out)
-    records = json.loads(Path(records_file).read_text())
+    records = [VariantRecord.from_json(r) for r in json.loads(Path(records_file).read_text())]
     bench = json.loads(Path(bench_file).read_text())
     damage = [json.loads(Path(f).read_text()) for f in damage_files]
     env = bench["environment"]
-    preset = params.preset_layout()
-    s, ck, fid = preset["sampling"], preset["checkpoint"], preset["fid"]
-    digest = ("md5", ck["md5"]) if "md5" in ck else ("sha256", ck["sha256"])
-    n = sorted({r["n_samples"] for r in records})
-    q = params.quant.model_dump()
+    preset = params.selected
+    sampling, checkpoint, fid = preset.sampling, preset.checkpoint, preset.fid
+    digest = ("md5", checkpoint.md5) if checkpoint.md5 else ("sha256", checkpoint.sha256)
+    n = sorted({r.n_samples for r in records})
+    quant = params.quant
     lines = [
-        f"# modiff report: preset `{preset['name']}`",
+        f"# modiff report: preset `{params.preset}`",
         "",
         "## Settings and environment",
         "",
-        f"- checkpoint: `{ck['source']}` ({digest[0]} `{digest[1]}`)",
-        f"- sampler: DDIM, {s['steps']} {s['skip_type']} steps, eta {s['eta']}, "
-        f"batch {s['batch_size']}, seed {params.seed}, {s['shards']} shards",
-        f"- quantization: backend `{q['backend']}`, MoDiff warm-up `{q['warmup']}`; "
+        f"- checkpoint: `{checkpoint.source}` ({digest[0]} `{digest[1]}`)",
+        f"- sampler: DDIM, {sampling.steps} {sampling.skip_type} steps, eta {sampling.eta}, "
+        f"batch {sampling.batch_size}, seed {params.seed}, {sampling.shards} shards",
+        f"- quantization: backend `{quant.backend}`, MoDiff warm-up `{quant.warmup}`; "
         "Q-Diffusion calibration "
-        f"({preset['calibration']['cali_st']} steps x {preset['calibration']['cali_n']} "
+        f"({preset.calibration.cali_st} steps x {preset.calibration.cali_n} "
         "trajectories)",
-        *_auto_backend_line(q["backend"]),
+        *_auto_backend_line(quant.backend),
         f"- torch {env['torch']}, CPU {env['cpu']}, {params.threads} threads, "
         f"device {params.device}, quantized engine {env['quantized_engine']}",
         f"- int8 kernels: {_isa_line(env)}",
-        f"- FID: N = {', '.join(map(str, n))} samples against `{fid['reference']}` with "
-        f"`{fid['feature_extractor']}` features. FID at small N is biased upwards: compare only "
+        f"- FID: N = {', '.join(map(str, n))} samples against `{fid.reference}` with "
+        f"`{fid.feature_extractor}` features. FID at small N is biased upwards: compare only "
         "figures with equal N and the same reference set; none of these are comparable to "
         "50,000-sample figures such as the paper's.",
         "",
@@ -192,7 +189,7 @@ def write_report(
         "",
     ]
     if damage:
-        fp32 = next(r for r in records if r["method"] == "fp32")
+        fp32 = next(r for r in records if r.method == "fp32")
         lines += [
             "### Can the metrics see damage?",
             "",
@@ -200,7 +197,7 @@ def write_report(
             "",
             "| samples | FID | KID | PSNR vs FP32 (dB) |",
             "|---|---|---|---|",
-            f"| FP32 | {fp32['fid']:.3f} | {fp32['kid']:.5f} | - |",
+            f"| FP32 | {fp32.fid:.3f} | {fp32.kid:.5f} | - |",
         ]
         for d in damage:
             lines.append(f"| FP32 + noise sigma {d['noise_sigma']:g} | {d['fid']:.3f} "
@@ -220,7 +217,7 @@ def write_report(
             "",
             *peer_lines(bench),
         ]
-    lines += accuracy_lines(bench, preset["name"])
+    lines += accuracy_lines(bench, params.preset)
     lines += ["## Samples", "", "Same x_T per image index in every variant.", ""]
     for g in grid_files:
         lines += [f"**{Path(g).stem}**", "", f"![{Path(g).stem}]({_rel(g, out.parent)})", ""]
@@ -295,6 +292,6 @@ def _isa_line(env: dict[str, Any]) -> str:
     return line
 
 
-def _bench_batch(records: list[dict[str, Any]]) -> str:
-    batches = {r["bench_batch"] for r in records if r.get("bench_batch")}
+def _bench_batch(records: list[VariantRecord]) -> str:
+    batches = {r.bench_batch for r in records if r.bench_batch}
     return ", ".join(map(str, sorted(batches))) or "-"

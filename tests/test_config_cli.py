@@ -188,6 +188,13 @@ def test_shards_are_whole_batches_tiling_the_images(n, batch, shards):
         sampling.shard_range(shards)
 
 
+def test_the_fid_choices_name_the_extractor_the_classifier_registers():
+    from modiff.classifier import FEATURE_EXTRACTOR_NAME
+    from modiff.config import FID_FEATURE_EXTRACTORS
+
+    assert FID_FEATURE_EXTRACTORS["digits"] == (FEATURE_EXTRACTOR_NAME,)
+
+
 def test_variant_names_parse_to_the_variants_they_name():
     params = load_params(ROOT / "params.yaml", [])
     full_table = yaml.safe_load((ROOT / "workflow/full_table.yaml").read_text())["variants"]

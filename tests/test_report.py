@@ -6,18 +6,30 @@ import json
 from conftest import ROOT
 
 from modiff.config import load_params
+from modiff.records import VariantRecord
 from modiff.report import format_schemes, write_report
 
 NATIVE = "qdiff-static-w8a8@native"
 SAT = {"cpu_isa": "avx2", "onednn_max_cpu_isa": None, "int8_kernels": "saturating (int16 pairs)"}
 
 
+def _variant(variant: str, **fields) -> VariantRecord:
+    """A record of results/metrics.json, built as the pipeline builds it (typed), with
+    placeholder scores."""
+    quantized = variant != "fp32"
+    defaults = {"variant": variant, "method": variant.split("-")[0], "a_scale": None,
+                "a_granularity": "per_tensor" if quantized else None, "w_bits": 32,
+                "a_bits": 32, "reconstruction": "none" if quantized else None,
+                "learn_act_scales": False if quantized else None, "backend": "fp32",
+                "device": "cpu", "kernels": None, "n_samples": 40, "steps": 10, "fid": 1.5,
+                "kid": 0.001, "psnr_vs_fp32": 40.0, "step_ms": 10.0, "speedup_vs_fp32": 1.0,
+                "bench_batch": 2, "cache_mb_per_image": 0.0}  # fmt: skip
+    return VariantRecord(**{**defaults, **fields})
+
+
 def _record(variant, method, backend, kernels, device="cpu", **bits):
-    return {"variant": variant, "method": method, "backend": backend, "device": device,
-            "kernels": kernels, "n_samples": 40, "steps": 10, "fid": 1.5, "kid": 0.001,
-            "psnr_vs_fp32": 40.0, "step_ms": 10.0, "speedup_vs_fp32": 1.0, "bench_batch": 2,
-            "cache_mb_per_image": 0.0, "a_scale": bits.get("a_scale"),
-            "w_bits": bits.get("w_bits", 32), "a_bits": bits.get("a_bits", 32)}  # fmt: skip
+    return _variant(variant, method=method, backend=backend, kernels=kernels, device=device,
+                    **bits)  # fmt: skip
 
 
 def _bench(peers, accuracy):
@@ -33,6 +45,7 @@ def _bench(peers, accuracy):
 def _report(tmp_path, bench, records):
     params = load_params(ROOT / "params.yaml")
     files = {}
+    records = [r.to_json() for r in records]
     for name, data in {"records": records, "bench": bench}.items():
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(data))
@@ -85,26 +98,25 @@ def test_schemes_read_largest_first():
 def test_only_reconstruction_is_called_q_diffusion():
     from modiff.report import method_label
 
-    plain = {"method": "qdiff", "reconstruction": "none", "learn_act_scales": False}
+    plain = _variant("qdiff-static-w8a8")
     assert method_label(plain) == "PTQ (nearest rounding)"
-    brecq = {"method": "modiff", "reconstruction": "block", "learn_act_scales": True}
+    brecq = _variant("modiff-static-w8a8-brecq-lsq", reconstruction="block", learn_act_scales=True)
     assert method_label(brecq) == "Q-Diffusion (BRECQ), learned step sizes + MoDiff"
-    assert method_label({"method": "qdiff", "reconstruction": "layer"}).startswith(
-        "Q-Diffusion (AdaRound per layer)"
-    )
+    adaround = _variant("qdiff-static-w8a8-adaround", reconstruction="layer")
+    assert method_label(adaround).startswith("Q-Diffusion (AdaRound per layer)")
 
 
 def test_the_quality_table_has_the_papers_rows_and_columns():
     from modiff.report import paper_table
 
     def rec(method, scale, w, a, fid, **kw):
-        return {"variant": f"{method}-{scale}-w{w}a{a}", "method": method, "w_bits": w,
-                "a_bits": a, "a_scale": "static" if scale == "static" else "dynamic",
-                "a_granularity": "per_sample" if scale == "lcq" else "per_tensor",
-                "reconstruction": "none", "learn_act_scales": False, "fid": fid, **kw}  # fmt: skip
+        return _variant(f"{method}-{scale}-w{w}a{a}", method=method, w_bits=w, a_bits=a,
+                        a_scale="static" if scale == "static" else "dynamic",
+                        a_granularity="per_sample" if scale == "lcq" else "per_tensor",
+                        fid=fid, **kw)  # fmt: skip
 
     records = [
-        {"variant": "fp32", "method": "fp32", "fid": 1.0},
+        _variant("fp32", fid=1.0),
         rec("modiff", "lcq", 4, 4, 1.2),
         rec("qdiff", "lcq", 4, 4, 9.0),
         rec("qdiff", "static", 8, 4, 5.0),

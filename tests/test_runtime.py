@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import ROOT
 
-from modiff import runtime
 from modiff.cli import main
 from modiff.io import load_images
 from modiff.runtime import Execution, resolve_execution
@@ -72,7 +71,9 @@ def test_sample_records_the_backend_that_ran(tmp_path, monkeypatch):
         chosen.append((device, backend))
         return Execution(torch.device("cpu"), "simulated" if backend == "native" else backend)
 
-    monkeypatch.setattr(runtime, "resolve_execution", on_a_gpu_host)
+    from modiff.stages import sample
+
+    monkeypatch.setattr(sample, "resolve_execution", on_a_gpu_host)
     out = tmp_path / "s.npz"
     sample = ["sample", *params, "--ckpt", ckpt, "--qparams", str(qparams)]
     assert main([*sample, "--variant", "qdiff-dynamic-w8a8", "--samples", str(out)]) == 0

@@ -103,3 +103,49 @@ def test_a_changed_constant_changes_exactly_the_stages_that_import_it(package_co
     assert changed == importing
     assert {"calibrate", "sample", "bench"} <= changed
     assert not {"fid", "grid", "damage", "gather", "report", "merge", "fetch"} & changed
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each package module's imports of other package modules, anywhere in its code; ``from
+    pkg import submodule`` imports the submodule (the package is already initialising)."""
+    files = {}
+    for path in codedeps.PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(codedeps.ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                submodules = {f"{base}.{alias.name}" for alias in node.names} & set(files)
+                found |= submodules or {base}
+        edges[module] = (found & set(files)) - {module}
+    return edges
+
+
+def test_the_package_has_no_import_cycle():
+    edges, finished, path = _package_imports(), set(), []
+
+    def visit(module: str) -> None:
+        if module in path:
+            raise AssertionError(
+                "import cycle: " + " -> ".join([*path[path.index(module) :], module])
+            )
+        if module in finished:
+            return
+        path.append(module)
+        for imported in sorted(edges[module]):
+            visit(imported)
+        path.pop()
+        finished.add(module)
+
+    for module in sorted(edges):
+        visit(module)
+    assert "modiff.quant" not in edges["modiff.diffusion"] | edges["modiff.stages.fid"]

@@ -121,8 +121,7 @@ class QuantConfig:
     @property
     def recipe(self) -> str:
         """How the quantization parameters are found, in words (recorded with them)."""
-        rounding = {"none": "nearest rounding", "layer": "AdaRound per layer",
-                    "block": "AdaRound per block (BRECQ)"}[self.reconstruction]  # fmt: skip
+        rounding = choices.RECONSTRUCTION_NAMES[self.reconstruction].recipe
         steps = ", learned step sizes (LSQ)" if self.learn_act_scales else ""
         iters = f" ({self.reconstruction_iters} iterations per unit)" if self.learns else ""
         return f"MSE scale search, {rounding}{steps}{iters}"
