@@ -42,9 +42,9 @@ def settings(stage):
     """
 
     def job(wildcards):
-        keys = stage_of(stage).settings_for(wildcards.get("variant"))
-        values = ((k, setting_value(k)) for k in (job_text(k, wildcards) for k in keys))
-        return " ".join(f"-S {shlex.quote(k + '=' + json.dumps(v))}" for k, v in values)
+        keys = (job_text(k, wildcards) for k in stage_of(stage).settings_for(wildcards.get("variant")))
+        overrides = (f"{key}={json.dumps(setting_value(key))}" for key in keys)
+        return " ".join(f"-S {shlex.quote(override)}" for override in overrides)
 
     return job
 
