@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import multiprocessing as mp
 import platform
-import queue as queue_mod
 import resource
 import statistics
 import threading
@@ -32,7 +30,7 @@ from torch import nn
 from modiff.diffusion import beta_schedule, ddim_sample
 from modiff.quant import kernels
 from modiff.quant.layers import cache_bytes, native_schemes
-from modiff.runtime import release_freed_memory
+from modiff.runtime import in_fresh_process, release_freed_memory
 from modiff.timesteps import timestep_sequence
 
 if TYPE_CHECKING:
@@ -204,34 +202,6 @@ def _pick_fp32_layout(case: BenchCase, settings: BenchSettings) -> VariantBuilde
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-def _child(fn: Callable, args: tuple, queue) -> None:
-    try:
-        queue.put(("ok", fn(*args)))
-    except Exception as err:  # handed to the parent, which raises it with the reason
-        queue.put(("error", f"{type(err).__name__}: {err}"))
-
-
-def in_fresh_process(fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` in a spawned process (``fn`` and ``args`` picklable): a clean memory
-    baseline, and a crash of native code (another engine's) that cannot take this process with
-    it. Raises RuntimeError with the reason when ``fn`` raises or the process dies."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, queue))
-    proc.start()
-    while True:
-        try:
-            status, value = queue.get(timeout=1.0)
-            break
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"process died (exit code {proc.exitcode})") from None
-    proc.join()
-    if status == "error":
-        raise RuntimeError(value)
-    return value
 
 
 def _peak_memory_child(case, build, batch, settings) -> dict[str, int]:

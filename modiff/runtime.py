@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing as mp
+import queue as queue_mod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -110,3 +113,31 @@ def resolve_execution(device: str, backend: str | None = None) -> Execution:
     execution = Execution(resolved, backend)
     log.info("running %s (device setting %r)", execution.describe(), device)
     return execution
+
+
+def _child(fn: Callable, args: tuple, queue: Any) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except Exception as err:  # handed to the parent, which raises it with the reason
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def in_fresh_process(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a spawned process (``fn`` and ``args`` picklable): a clean memory
+    baseline, and a crash of native code (another engine's) that cannot take this process with
+    it. Raises RuntimeError with the reason when ``fn`` raises or the process dies."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    while True:
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"process died (exit code {proc.exitcode})") from None
+    proc.join()
+    if status == "error":
+        raise RuntimeError(value)
+    return value

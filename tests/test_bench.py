@@ -127,7 +127,7 @@ def _divide(a: float, b: float) -> float:
 
 
 def test_fresh_process_returns_results_and_names_failures():
-    from modiff.bench import in_fresh_process
+    from modiff.runtime import in_fresh_process
 
     assert in_fresh_process(_divide, 6.0, 3.0) == 2.0
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):

@@ -92,7 +92,16 @@ def test_every_job_imports_only_its_code(project):
     """Every package module a job imported while it ran is in its stage's code (the closure
     whose fingerprint both tools track), or is the command line's glue."""
     jobs = dry_run_jobs(project, "--forceall", "-p")
-    assert len(jobs) >= 20
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    per_item = {"variants": len(params["variants"]),
+                "sigmas": len(params["damage_check"]["sigmas"])}  # fmt: skip
+    shards = params["presets"]["digits"]["sampling"]["shards"]
+    expected = {name: per_item.get(stage.foreach, 1) for name, stage in STAGES.items()}
+    expected.pop("sample")  # Snakemake samples in shards and merges them
+    expected |= {"sample_shard": per_item["variants"] * shards,
+                 "merge_samples": per_item["variants"]}  # fmt: skip
+    ran = {rule: sum(job["rule"] == rule for job in jobs) for rule in {j["rule"] for j in jobs}}
+    assert ran == expected  # every job of the pipeline, each once per item
     for job in jobs:
         imported = imported_package_files((project / job["log"]).read_text())
         assert {"modiff/cli.py", f"modiff/stages/{job['rule']}.py"} & imported, job
