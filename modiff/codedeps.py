@@ -70,11 +70,22 @@ def closure(module: str) -> frozenset[Path]:
         files.add(path)
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent __init__s run first
-        tree = ast.parse(path.read_text())
+        tree = _syntax_tree(path)
         package = name if path.name == "__init__.py" else ".".join(parts[:-1])
         todo += sorted(imported_modules(tree, package))
         files |= _data_files(tree, path.parent)
     return frozenset(files)
+
+
+def _syntax_tree(path: Path) -> ast.Module:
+    """``path`` parsed, once per version of the file (read-only: shared between callers)."""
+    stat = path.stat()
+    return _parse(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
+    return ast.parse(path.read_text())
 
 
 def code_files(module: str) -> tuple[str, ...]:
@@ -99,6 +110,12 @@ def _without_docstrings(tree: ast.Module) -> ast.Module:
 def code_digest(path: Path) -> str:
     """sha256 of what runs in ``path``: a Python file's syntax tree without docstrings and
     without positions (so comments, blank lines and layout do not count), else its bytes."""
+    stat = path.stat()  # each file parsed once per version (Snakemake asks for every rule)
+    return _code_digest(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _code_digest(path: Path, mtime_ns: int, size: int) -> str:
     if path.suffix != ".py":
         return hashlib.sha256(path.read_bytes()).hexdigest()
     tree = _without_docstrings(ast.parse(path.read_text()))
