@@ -328,14 +328,14 @@ def bench_variants(
 ) -> dict[str, VariantBuilder]:
     """Benchmark variants by name, ``<grid variant name>@<backend>`` (e.g.
     ``modiff-static-w8a8@openvino``), as params.yaml's ``bench.variants`` names them."""
-    from modiff.config import BenchVariant
+    from modiff.config import BenchVariant, QuantSettings
     from modiff.quant import QuantConfig
 
     variants: dict[str, VariantBuilder] = {}
     for name in names:
         timed = BenchVariant.from_name(name)
-        config = dataclasses.replace(QuantConfig(), backend=timed.backend)  # warm-up: the default
-        config = QuantConfig.from_variant(timed.variant, config)
+        quant = QuantSettings(backend=timed.backend, warmup=QuantConfig().warmup)  # the default
+        config = QuantConfig.from_variant(timed.variant, quant)
         variants[name] = QuantizedVariant(config, calibration, cache_dir=cache_dir)
     return variants
 

@@ -11,7 +11,9 @@ count by their bytes.
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -31,20 +33,28 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def imported_modules(tree: ast.AST, package: str) -> set[str]:
-    """Modules named by the imports anywhere under ``tree`` (absolute, relative and ``from pkg
-    import submodule``), in the package or not; ``package`` anchors relative imports."""
-    found = set()
+def import_statements(tree: ast.AST, package: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Each import anywhere under ``tree`` as ``(module, names)``: ``import a.b`` is ``("a.b",
+    ())``, ``from x import y, z`` is ``("x", ("y", "z"))`` with a relative ``x`` made absolute
+    (``package`` anchors it)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
+            yield from ((alias.name, ()) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}  # a module, or skipped
+            yield base, tuple(alias.name for alias in node.names)
+
+
+def imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """Modules named by the imports anywhere under ``tree`` (absolute, relative and ``from pkg
+    import submodule``), in the package or not."""
+    found = set()
+    for module, names in import_statements(tree, package):
+        found.add(module)
+        found |= {f"{module}.{name}" for name in names}  # a module, or skipped
     return found
 
 
@@ -118,7 +128,7 @@ def code_digest(path: Path) -> str:
 def _code_digest(path: Path, mtime_ns: int, size: int) -> str:
     if path.suffix != ".py":
         return hashlib.sha256(path.read_bytes()).hexdigest()
-    tree = _without_docstrings(ast.parse(path.read_text()))
+    tree = _without_docstrings(copy.deepcopy(_parse(path, mtime_ns, size)))  # the shared tree
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 

@@ -200,10 +200,6 @@ class Bench(Settings):
             raise ValueError("peers must not repeat")
         return self
 
-    @property
-    def timed_variants(self) -> tuple[BenchVariant, ...]:
-        return tuple(BenchVariant.from_name(n) for n in self.variants)
-
 
 class Data(Settings):
     dataset: Literal["digits", "CIFAR10"]

@@ -39,8 +39,7 @@ from modiff.errors import UserError
 from modiff.fetch import file_digest
 
 FID_CACHE = Path("data/fid_cache")  # reference statistics: computed once, checked when read
-FEATURE_EXTRACTORS, REFERENCES = FID_FEATURE_EXTRACTORS, FID_REFERENCES  # by preset
-PRESETS = tuple(FEATURE_EXTRACTORS)
+PRESETS = tuple(FID_FEATURE_EXTRACTORS)
 KID_MAX_SUBSET = 1000
 DNS_TIMEOUT_S = 2.0
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
@@ -85,15 +84,15 @@ def compute_fid(
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     _validate_samples(samples)
     cuda, device_ctx = _resolve_device(device)
-    extractor = fid_config.get("feature_extractor", FEATURE_EXTRACTORS[preset][0])
-    if extractor not in FEATURE_EXTRACTORS[preset]:
-        allowed = ", ".join(FEATURE_EXTRACTORS[preset])
+    extractor = fid_config.get("feature_extractor", FID_FEATURE_EXTRACTORS[preset][0])
+    if extractor not in FID_FEATURE_EXTRACTORS[preset]:
+        allowed = ", ".join(FID_FEATURE_EXTRACTORS[preset])
         raise ValueError(
             f"unknown feature extractor {extractor!r} for {preset}; allowed: {allowed}"
         )
-    reference = fid_config.get("reference", REFERENCES[preset][0])
-    if reference not in REFERENCES[preset]:
-        allowed = ", ".join(REFERENCES[preset])
+    reference = fid_config.get("reference", FID_REFERENCES[preset][0])
+    if reference not in FID_REFERENCES[preset]:
+        allowed = ", ".join(FID_REFERENCES[preset])
         raise ValueError(f"unknown reference {reference!r} for {preset}; allowed: {allowed}")
 
     if preset == "digits":

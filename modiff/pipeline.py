@@ -24,7 +24,6 @@ import yaml
 
 from modiff.codedeps import fingerprint
 
-ROOT = Path(__file__).resolve().parent.parent
 # What a stage runs once per: the params.yaml list or mapping, and the wildcard naming one item.
 FOREACH_SETTING = {"variants": "variants", "sigmas": "damage_check.sigmas"}
 FOREACH_WILDCARD = {"variants": "variant", "sigmas": "sigma"}
@@ -34,7 +33,8 @@ FOREACH_WILDCARD = {"variants": "variant", "sigmas": "sigma"}
 class AllOf:
     """All files of ``pattern`` over a foreach (``variants`` or ``sigmas``): one input of a stage
     that reads them together. The stage gets the pattern and expands it over the settings
-    (:func:`expand`); DVC, whose dep list cannot follow params, depends on the folder."""
+    (:func:`modiff.stages.expand`); DVC, whose dep list cannot follow params, depends on the
+    folder."""
 
     pattern: str
     foreach: str
@@ -221,16 +221,6 @@ STAGES: dict[str, Stage] = {
 MERGE = Stage("merge", inputs={"shards": "results/samples/{variant}/shard-{shard}.npz"},
               outputs={"samples": SAMPLES})  # fmt: skip
 COMMANDS = {stage.command: stage for stage in (*STAGES.values(), MERGE)}
-
-
-def expand(pattern: str, values: list[str]) -> list[str]:
-    """An :class:`AllOf` input's files: ``pattern`` with its one wildcard set to each value."""
-    return [pattern.format_map({"variant": v, "sigma": v}) for v in values]
-
-
-def foreach_values(foreach: str, variants: list[str], sigmas: list[float]) -> list[str]:
-    """The items a foreach runs over, as its wildcard spells them in paths."""
-    return list(variants) if foreach == "variants" else [f"{s:g}" for s in sigmas]
 
 
 def code_fingerprint(stage: Stage) -> str:

@@ -116,16 +116,9 @@ def _package_imports() -> dict[str, set[str]]:
     for module, path in files.items():
         package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, *([base] if base else [])])
-                submodules = {f"{base}.{alias.name}" for alias in node.names} & set(files)
-                found |= submodules or {base}
+        for imported, names in codedeps.import_statements(ast.parse(path.read_text()), package):
+            submodules = {f"{imported}.{name}" for name in names} & set(files)
+            found |= submodules or {imported}
         edges[module] = (found & set(files)) - {module}
     return edges
 

@@ -10,13 +10,6 @@ from typing import Any
 from modiff import choices
 from modiff.choices import AGranularity, AScale, Backend, Modulation, Reconstruction
 
-# Allowed values (from modiff.choices, shared with params.yaml's settings).
-A_SCALES = choices.allowed(AScale)
-BACKENDS = choices.allowed(Backend)
-A_GRANULARITIES = choices.allowed(AGranularity)
-MODULATIONS = choices.allowed(Modulation)
-RECONSTRUCTIONS = choices.allowed(Reconstruction)
-
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -71,16 +64,16 @@ class QuantConfig:
     def __post_init__(self) -> None:
         choices.check_bits(self.w_bits, "w_bits")
         choices.check_bits(self.a_bits, "a_bits")
-        _check_choice("a_scale", self.a_scale, A_SCALES)
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("a_granularity", self.a_granularity, A_GRANULARITIES)
-        _check_choice("modulation", self.modulation, MODULATIONS)
+        _check_choice("a_scale", self.a_scale, AScale)
+        _check_choice("backend", self.backend, Backend)
+        _check_choice("a_granularity", self.a_granularity, AGranularity)
+        _check_choice("modulation", self.modulation, Modulation)
         if self.a_granularity == "per_sample" and self.a_scale != "dynamic":
             raise ValueError("a_granularity 'per_sample' needs a_scale 'dynamic'")
         if self.a_granularity == "per_sample" and not self.a_symmetric:
             raise ValueError("a_granularity 'per_sample' needs a_symmetric (one zero point)")
         choices.check_warmup(self.warmup)
-        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        _check_choice("reconstruction", self.reconstruction, Reconstruction)
         if not isinstance(self.reconstruction_iters, int) or self.reconstruction_iters < 0:
             raise ValueError(
                 f"reconstruction_iters must be an integer >= 0, got {self.reconstruction_iters!r}"
@@ -155,6 +148,8 @@ class QuantConfig:
         return cls(**data)
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str, choice: object) -> None:
+    """``value`` must be one of the ``choice`` Literal's values (:mod:`modiff.choices`)."""
+    allowed = choices.allowed(choice)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -8,6 +8,17 @@ imports only what its stage runs.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def foreach_items(foreach: str, params: Any) -> list[str]:
+    """The items a stage runs once per (``variants`` or ``sigmas``), as paths spell them.
+    ``params``: the typed settings (:class:`modiff.config.Params`; not imported, so that a
+    stage reading no settings does not depend on their code)."""
+    if foreach == "variants":
+        return list(params.variants)
+    return [f"{sigma:g}" for sigma in params.damage_check.sigmas]
+
 
 def expand(pattern: str, values: list[str]) -> list[str]:
     """The files of an input read together: ``pattern`` with its one wildcard (``{variant}`` or

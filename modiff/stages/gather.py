@@ -8,7 +8,7 @@ from pathlib import Path
 from modiff import results
 from modiff.config import Params
 from modiff.io import write_json
-from modiff.stages import expand
+from modiff.stages import expand, foreach_items
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ def run(
     plot_data: Path,
 ) -> None:
     """``metrics``: the per-variant metrics files' pattern (``{variant}`` in it)."""
-    gathered = [r.to_json() for r in results.gather(expand(metrics, list(params.variants)), bench)]
+    files = expand(metrics, foreach_items("variants", params))
+    gathered = [record.to_json() for record in results.gather(files, bench)]
     write_json(gathered, records)
     write_json(results.summary(gathered), summary)
     write_json(results.plot_points(gathered), plot_data)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from modiff.config import Params
 from modiff.report import write_report
-from modiff.stages import expand
+from modiff.stages import expand, foreach_items
 
 
 def run(
@@ -20,6 +20,5 @@ def run(
     report: Path,
 ) -> None:
     """``damage`` and ``grids``: file patterns over the noise levels and the variants."""
-    sigmas = [f"{s:g}" for s in params.damage_check.sigmas]
-    write_report(params, records, plot, expand(damage, sigmas), bench,
-                 expand(grids, list(params.variants)), report)  # fmt: skip
+    write_report(params, records, plot, expand(damage, foreach_items("sigmas", params)), bench,
+                 expand(grids, foreach_items("variants", params)), report)  # fmt: skip

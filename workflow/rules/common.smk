@@ -5,15 +5,16 @@ import json
 import shlex
 
 from modiff.config import parse_params
-from modiff.pipeline import COMMANDS, STAGES, AllOf, code_fingerprint, foreach_values, params_key
+from modiff.pipeline import COMMANDS, FOREACH_WILDCARD, STAGES, AllOf, code_fingerprint, params_key
+from modiff.stages import foreach_items
 
 PARAMS = parse_params(config)  # every problem named before any job runs
 PRESET = PARAMS.preset
 SHARDS = range(PARAMS.selected.sampling.shards)
 # What a stage with `foreach` runs once per: the wildcard naming an item, and the items.
 FOREACH_ITEMS = {
-    foreach: (wildcard, foreach_values(foreach, list(PARAMS.variants), PARAMS.damage_check.sigmas))
-    for foreach, wildcard in (("variants", "variant"), ("sigmas", "sigma"))
+    foreach: (wildcard, foreach_items(foreach, PARAMS))
+    for foreach, wildcard in FOREACH_WILDCARD.items()
 }
 
 
